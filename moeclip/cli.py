@@ -1,0 +1,95 @@
+"""`moeclip` command line: thin wrappers over the library; errors print one line, not a traceback."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from moeclip.data.synth import PRESETS, SynthSpec, write_corpus
+    paths = write_corpus(args.out, SynthSpec(train=args.train, val=args.val, seed=args.seed, preset=args.preset,
+                                             image_size=args.image_size))
+    print(f"wrote {paths['train']} ({args.train} rows) and {paths['val']} ({args.val} rows); "
+          f"factors in {Path(args.out) / 'factors.json'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from moeclip import io, load
+    from moeclip.eval.evaluate import evaluate, format_table
+    model, preprocess, tokenizer = load(args.model, pretrained=args.pretrained, device=args.device)
+    metrics = evaluate(model, preprocess, tokenizer, args.data, class_column=args.class_column,
+                       templates=args.template or ["a photo of a {}."], batch_size=args.batch_size,
+                       device=args.device, num_workers=args.workers)
+    print(format_table(metrics))
+    if args.out:
+        io.write_json(args.out, metrics)
+        print(f"metrics written to {args.out}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from moeclip import load
+    from moeclip.moe import moe_layers
+    model, _, _ = load(args.model, pretrained=args.pretrained)
+    n = sum(p.numel() for p in model.parameters())
+    layers = moe_layers(model)
+    print(f"{args.model}: {model.moeclip_arch['arch']}, {n / 1e6:.2f}M parameters, {len(layers)} MoE layers")
+    for tower, block, layer in layers:
+        print(f"  {tower} block {block}: {layer.num_experts} experts, top-{layer.top_k}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moeclip", description="Sparse Mixture-of-Experts CLIP by Diversified "
+                                "Multiplet Upcycling. The training pipeline is `accelerate launch recipes/dmu.py`.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write the synthetic image-caption corpus (PNG + train.csv/val.csv)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--train", type=int, default=20000, help="training rows (default 20000)")
+    s.add_argument("--val", type=int, default=1000, help="validation rows (default 1000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--preset", default="default", help="factor salience preset: default or muted")
+    s.add_argument("--image-size", type=int, default=32)
+    s.set_defaults(func=cmd_synth)
+
+    e = sub.add_parser("eval", help="retrieval R@1/5/10, zero-shot accuracy and per-factor probe on a CSV/TSV")
+    e.add_argument("--model", required=True, help="moeclip model directory, or open_clip 'ARCH:TAG'")
+    e.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file (with an ARCH)")
+    e.add_argument("--data", required=True, help="CSV/TSV with filepath,title columns")
+    e.add_argument("--out", default=None, help="write metrics JSON here")
+    e.add_argument("--class-column", default=None, help="column holding class names for zero-shot accuracy")
+    e.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--workers", type=int, default=0)
+    e.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="describe a model (architecture, parameters, MoE layers)")
+    i.add_argument("model")
+    i.add_argument("--pretrained", default=None)
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"moeclip {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

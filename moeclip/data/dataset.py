@@ -1,0 +1,177 @@
+"""Image-caption datasets over CSV/TSV files, open_clip's conventions (`filepath`, `title`).
+
+Bad samples never kill a run: an unreadable image is skipped and counted (in the main process,
+through the collate function, so counts survive DataLoader workers); empty captions are
+dropped and counted when the table is read. A run stops only when nothing usable is left.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+Image.MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs well before they eat memory
+
+
+class DataError(ValueError):
+    """The data cannot be used at all; the message names the file and what to do."""
+
+
+@dataclass
+class SkipLog:
+    """Samples skipped, by reason; a few examples kept for the message."""
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{where}: {reason}")
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no samples skipped"
+        parts = ", ".join(f"{n} {r}" for r, n in sorted(self.counts.items()))
+        return f"skipped {self.total()} samples ({parts}); e.g. " + "; ".join(self.examples[:3])
+
+
+def read_table(path: str | Path, img_key: str = "filepath", caption_key: str = "title") -> list[dict[str, str]]:
+    """Rows of a CSV/TSV as dicts (all columns kept: factors and classes ride along)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    try:
+        with open(path, newline="", encoding="utf-8", errors="strict") as f:
+            reader = csv.DictReader(f, delimiter=sep)
+            header = reader.fieldnames or []
+            missing = [k for k in (img_key, caption_key) if k not in header]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {missing}; found {header}. "
+                                f"Name the image column '{img_key}' and the caption column '{caption_key}'")
+            rows = [dict(r) for r in reader]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); re-save the table as UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed table ({e}); fix the quoting") from None
+    return rows
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """One item per (image, caption) row; several rows may share an image."""
+
+    def __init__(self, table: str | Path, transform: Callable | None = None, img_key: str = "filepath",
+                 caption_key: str = "title", max_caption_chars: int = 1000) -> None:
+        self.table = Path(table)
+        self.transform = transform
+        self.skips = SkipLog()
+        root = self.table.parent
+        self.rows: list[dict[str, str]] = []
+        for line, row in enumerate(read_table(self.table, img_key, caption_key), start=2):
+            cap = (row.get(caption_key) or "").strip()
+            if not cap:
+                self.skips.add("empty caption", f"{self.table}:{line}")
+                continue
+            p = Path(row.get(img_key) or "")
+            row["_path"] = str(p if p.is_absolute() else root / p)
+            row["_caption"] = cap[:max_caption_chars]
+            row["_line"] = str(line)
+            self.rows.append(row)
+        if not self.rows:
+            raise DataError(f"{self.table}: no usable rows ({self.skips.summary()})")
+        if self.skips.counts:
+            log.warning("%s: %s", self.table, self.skips.summary())
+        # ids for multi-positive losses and metrics: identical captions / images are shared positives
+        self.caption_ids = _ids([r["_caption"] for r in self.rows])
+        self.image_ids = _ids([r["_path"] for r in self.rows])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def captions(self) -> list[str]:
+        return [r["_caption"] for r in self.rows]
+
+    def column(self, name: str) -> list[str]:
+        if name not in self.rows[0]:
+            raise DataError(f"{self.table}: no column '{name}'")
+        return [r[name] for r in self.rows]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        item = {"index": i, "caption": row["_caption"], "ok": True}
+        try:
+            img = load_image(row["_path"])
+        except Exception as e:  # any unreadable image is a skip, never a crash
+            item.update(ok=False, reason=_reason(e), where=f"{self.table}:{row['_line']} ({row['_path']})")
+            return item
+        item["image"] = self.transform(img) if self.transform else img
+        return item
+
+
+def load_image(path: str | Path) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            return im.convert("RGB")
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "missing file"
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return "image too large"
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image"
+    if isinstance(e, (IsADirectoryError, PermissionError)):
+        return "unreadable file"
+    return "corrupt image"
+
+
+def _ids(values: Sequence[str]) -> torch.Tensor:
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(v, len(index)) for v in values], dtype=torch.long)
+
+
+class Collate:
+    """Stack good samples and tokenize captions; bad ones ride along in `skipped` for `record_skips`."""
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor] | None) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        good = [it for it in items if it["ok"]]
+        bad = [(it["reason"], it["where"]) for it in items if not it["ok"]]
+        batch: dict[str, Any] = {"index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+                                 "skipped": bad}
+        if good:
+            images = [it["image"] for it in good]
+            batch["image"] = torch.stack(images) if isinstance(images[0], torch.Tensor) else images
+            captions = [it["caption"] for it in good]
+            batch["caption"] = captions
+            if self.tokenizer is not None:
+                batch["text"] = self.tokenizer(captions)
+        return batch
+
+
+def record_skips(batch: dict[str, Any], skips: SkipLog) -> None:
+    """Call once per batch in the main process (workers cannot write to the parent's log)."""
+    for reason, where in batch["skipped"]:
+        skips.add(reason, where)

@@ -1,0 +1,106 @@
+"""`moeclip eval`: retrieval, optional zero-shot classification, and the per-factor probe in one pass
+over the images (each image is encoded once)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from moeclip import io
+from moeclip.data.dataset import CaptionDataset, DataError
+from moeclip.eval.probe import factor_probe
+from moeclip.eval.retrieval import retrieval_metrics
+from moeclip.model.encode import encode_texts, iter_image_batches, unique_first
+
+log = logging.getLogger(__name__)
+
+
+def find_factors(table: str | Path) -> dict[str, Any] | None:
+    """A synthetic corpus describes its factors in factors.json beside its CSVs."""
+    path = Path(table).parent / "factors.json"
+    return io.read_json(path) if path.exists() else None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table: str | Path,
+             class_column: str | None = None, templates: Sequence[str] = ("a photo of a {}.",),
+             factors: dict[str, Any] | None = None, batch_size: int = 256, device: str | torch.device = "cpu",
+             num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
+    model = model.to(device).eval()
+    ds = CaptionDataset(table, preprocess)
+    paths, first_rows, image_of_row = unique_first([r["_path"] for r in ds.rows])
+    captions, _, caption_of_row = unique_first(ds.captions)
+
+    loaded_img: list[int] = []
+    feats = []
+    for idx, f in iter_image_batches(model, ds, first_rows, batch_size, device, num_workers, progress):
+        loaded_img.extend(image_of_row[idx.numpy()].tolist())
+        feats.append(f)
+    if not feats:
+        raise DataError(f"{table}: no image could be read ({ds.skips.summary()})")
+    image_features = torch.cat(feats)
+    # keep only rows whose image loaded; renumber images densely
+    img_new = np.full(len(paths), -1, dtype=np.int64)
+    img_new[np.asarray(loaded_img)] = np.arange(len(loaded_img))
+    ok = img_new[image_of_row] >= 0
+    text_features = encode_texts(model, tokenizer, captions, batch_size * 2, device)
+    used_caps = np.unique(caption_of_row[ok])
+    cap_new = np.full(len(captions), -1, dtype=np.int64)
+    cap_new[used_caps] = np.arange(len(used_caps))
+    metrics: dict[str, Any] = retrieval_metrics(image_features, text_features[torch.as_tensor(used_caps)],
+                                                img_new[image_of_row[ok]], cap_new[caption_of_row[ok]])
+    metrics.update(num_images=int(image_features.shape[0]), num_captions=int(len(used_caps)),
+                   num_rows=int(ok.sum()), skipped=dict(ds.skips.counts))
+
+    rows_of_image = [ds.rows[first_rows[i]] for i in loaded_img]
+    if class_column:
+        metrics["zeroshot"] = zero_shot(model, tokenizer, image_features,
+                                        [r[class_column] for r in rows_of_image], templates, device)
+    factors = factors if factors is not None else find_factors(table)
+    if factors:
+        missing = [f for f in factors["factors"] if f not in ds.rows[0]]
+        if missing:
+            raise DataError(f"{table}: factors.json names factor column(s) {missing} the table lacks")
+        probe = factor_probe(model, tokenizer, image_features, rows_of_image, factors["factors"],
+                             factors["template"], device)
+        metrics["factors"] = {k: v["accuracy"] for k, v in probe.items()}
+        metrics["factors_chance"] = {k: v["chance"] for k, v in probe.items()}
+    if ds.skips.counts:
+        log.warning("%s: %s", table, ds.skips.summary())
+    return metrics
+
+
+def zero_shot(model: nn.Module, tokenizer: Callable, image_features: torch.Tensor, labels: list[str],
+              templates: Sequence[str], device: str | torch.device = "cpu") -> dict[str, float]:
+    classes = sorted(set(labels))
+    weights = []
+    for c in classes:
+        t = encode_texts(model, tokenizer, [tpl.format(c) for tpl in templates], device=device).mean(0)
+        weights.append(t / t.norm())
+    logits = image_features @ torch.stack(weights).t()
+    truth = torch.tensor([classes.index(x) for x in labels])
+    out = {"top1": float((logits.argmax(1) == truth).float().mean()), "num_classes": len(classes)}
+    if len(classes) > 5:
+        out["top5"] = float((logits.topk(5, dim=1).indices == truth[:, None]).any(1).float().mean())
+    return out
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    lines = ["| metric | value |", "|---|---|"]
+    for k in ("image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10",
+              "text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "mean_R@1"):
+        if k in metrics:
+            lines.append(f"| {k} | {100 * metrics[k]:.1f} |")
+    for k, v in metrics.get("factors", {}).items():
+        lines.append(f"| factor {k} (chance {100 * metrics['factors_chance'][k]:.0f}) | {100 * v:.1f} |")
+    for k, v in metrics.get("zeroshot", {}).items():
+        if k != "num_classes":
+            lines.append(f"| zero-shot {k} ({metrics['zeroshot']['num_classes']} classes) | {100 * v:.1f} |")
+    lines.append(f"| images / captions | {metrics['num_images']} / {metrics['num_captions']} |")
+    if metrics.get("skipped"):
+        lines.append(f"| skipped | {', '.join(f'{n} {r}' for r, n in metrics['skipped'].items())} |")
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""Image<->text retrieval recall with shared positives, computed in chunks (memory stays bounded).
+
+Rows sharing an image or a caption string collapse to one gallery item, and a query counts as a
+hit at k when *any* of its positives is in its top k (open_clip / CLIP_benchmark convention).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, q_idx: np.ndarray, g_idx: np.ndarray,
+                ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024) -> dict[int, float]:
+    """`(q_idx[j], g_idx[j])` are the positive pairs; returns {k: fraction of queries hit}."""
+    order = np.argsort(q_idx, kind="stable")
+    q_sorted, g_sorted = q_idx[order], g_idx[order]
+    kmax = min(max(ks), gallery.shape[0])
+    hits = {k: 0 for k in ks}
+    for a in range(0, query.shape[0], chunk):
+        b = min(a + chunk, query.shape[0])
+        lo, hi = np.searchsorted(q_sorted, a), np.searchsorted(q_sorted, b)
+        pos = torch.zeros(b - a, gallery.shape[0], dtype=torch.bool)
+        pos[torch.as_tensor(q_sorted[lo:hi] - a), torch.as_tensor(g_sorted[lo:hi])] = True
+        top = (query[a:b] @ gallery.t()).topk(kmax, dim=1).indices
+        found = pos.gather(1, top)
+        for k in ks:
+            hits[k] += int(found[:, :k].any(dim=1).sum())
+    return {k: hits[k] / query.shape[0] for k in ks}
+
+
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, image_of_pair: np.ndarray,
+                      caption_of_pair: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    i2t = recall_at_k(image_features, text_features, image_of_pair, caption_of_pair, ks)
+    t2i = recall_at_k(text_features, image_features, caption_of_pair, image_of_pair, ks)
+    out = {f"image_to_text_R@{k}": v for k, v in i2t.items()}
+    out.update({f"text_to_image_R@{k}": v for k, v in t2i.items()})
+    out["mean_R@1"] = 0.5 * (i2t[ks[0]] + t2i[ks[0]]) if 1 in ks else float("nan")
+    return out

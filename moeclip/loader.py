@@ -1,0 +1,91 @@
+"""The front door: `moeclip.load` for open_clip models and moeclip model directories.
+
+A moeclip model directory is `config.json` (architecture, full model config, MoE layout) plus
+`model.safetensors`. config.json is written last, so its presence means the directory is whole.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from moeclip import io
+from moeclip.model.factory import Tokenizer, build_dense, create_open_clip, preprocess_for, tokenizer_for
+
+FORMAT = "moeclip-model"
+FORMAT_VERSION = 1
+
+
+def load(name_or_path: str | os.PathLike, pretrained: str | None = None,
+         device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, Tokenizer]:
+    """Return (model in eval mode, preprocess, tokenizer).
+
+    Accepts a moeclip model directory (dense or MoE), `ARCH:TAG` / `ARCH` + `pretrained=TAG`
+    (an open_clip pretrained tag; needs the network), or `ARCH` + `pretrained=FILE`.
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        model = load_model_dir(path, device)
+    elif path.suffix in (".json", ".safetensors") or path.exists():
+        raise ValueError(f"{path}: expected a moeclip model directory (config.json + model.safetensors) "
+                         "or an architecture name such as 'ViT-B-32:openai'")
+    else:
+        arch, _, tag = str(name_or_path).partition(":")
+        model = create_open_clip(arch, pretrained or tag or None, device)
+    model.eval()
+    arch_info = model.moeclip_arch
+    return model, preprocess_for(model), tokenizer_for(arch_info["arch"], arch_info["model_cfg"])
+
+
+def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{path}: no config.json; not a moeclip model directory (or an unfinished one)")
+    cfg = io.read_json(cfg_path)
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path}: 'format' is {cfg.get('format')!r}, expected {FORMAT!r}")
+    for key in ("arch", "model_cfg"):
+        if key not in cfg:
+            raise ValueError(f"{cfg_path}: missing key '{key}'")
+    model = build_dense(cfg["arch"], cfg["model_cfg"])
+    if cfg.get("moe"):
+        from moeclip.moe import build_moe
+        build_moe(model, cfg["moe"])
+    state = io.load_tensors(path / "model.safetensors")
+    _load_strict(model, state, path / "model.safetensors")
+    model.moeclip_dir_config = cfg
+    return model.to(device)
+
+
+def save_model_dir(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Weights first, config.json last; both atomic."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arch = model.moeclip_arch
+    moe = None
+    from moeclip.moe import moe_config, moe_layers
+    if moe_layers(model):
+        moe = moe_config(model)
+    io.save_tensors(out / "model.safetensors", model.state_dict(), metadata={"format": FORMAT})
+    io.write_json(out / "config.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                        "arch": arch["arch"], "model_cfg": arch["model_cfg"],
+                                        "moe": moe, **(extra or {})})
+    return out
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        what = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
+        raise ValueError(f"{where}: weights do not match config.json ({what}; {len(missing)} missing, "
+                         f"{len(unexpected)} unexpected). Was the file written for another architecture?")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"{where}: '{k}' has shape {tuple(v.shape)}, config.json expects {tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=True)
