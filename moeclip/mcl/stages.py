@@ -1,0 +1,112 @@
+"""Multistage contrastive learning: stage s embeds the corpus with stage s-1's model, clusters,
+accumulates the labels, and fine-tunes only the FFNs of a fresh copy of the base with every global
+batch drawn from one accumulated group. Each stage leaves one FFN weight set: one expert.
+
+Every step leaves a file that marks it done (features/progress.json, clusters.json, ffn.safetensors +
+stage.json), so a re-run skips finished work and resumes a stage's training from its checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from accelerate import Accelerator
+from torch import nn
+
+from moeclip import io
+from moeclip.data.dataset import CaptionDataset
+from moeclip.mcl.cluster import alignment, cluster_stage, group_sizes
+from moeclip.mcl.embed import embed_corpus
+from moeclip.model.ffn import ffn_distance, ffn_param_names, ffn_state_dict, load_ffn_state_dict
+from moeclip.train.loop import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+
+def _stage_train_default() -> TrainConfig:
+    return TrainConfig(steps=300, lr=1e-4, weight_decay=0.2, warmup_steps=30, label_smoothing=0.1,
+                       fixed_logit_scale=100.0, ckpt_every=100)
+
+
+@dataclass
+class MCLConfig:
+    num_experts: int = 4                 # expert 0 is the base: num_experts - 1 stages
+    k_img: int = 3
+    k_txt: int = 3
+    towers: list[str] = field(default_factory=lambda: ["visual", "text"])
+    blocks: list[int] | None = None      # None = every block
+    min_group: int | None = None         # merge groups below this size; None = one global batch
+    embed_batch: int = 512
+    train: TrainConfig = field(default_factory=_stage_train_default)
+
+
+def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: MCLConfig, out_dir: str | Path,
+            accelerator: Accelerator, seed: int = 0,
+            factor_columns: dict[str, list[str]] | None = None) -> list[dict[str, "torch.Tensor"]]:
+    """Return the FFN weight sets of experts 0..N-1 (0 = base); writes out_dir/stage_{s}/."""
+    out = Path(out_dir)
+    names = ffn_param_names(base, cfg.towers, cfg.blocks)
+    experts = [ffn_state_dict(base, cfg.towers, cfg.blocks)]
+    previous_groups = None
+    for s in range(1, cfg.num_experts):
+        sdir = out / f"stage_{s}"
+        if (sdir / "stage.json").exists() and (sdir / "ffn.safetensors").exists():
+            experts.append(io.load_tensors(sdir / "ffn.safetensors"))
+            previous_groups = io.load_npy(sdir / "accumulated.npy")
+            log.info("MCL stage %d: already done", s)
+            continue
+        t0 = time.time()
+        groups, previous_groups, clusters = _cluster(base, experts[-1], dataset, tokenizer, cfg, sdir, accelerator,
+                                                     seed + s, previous_groups, factor_columns)
+        t_cluster = time.time() - t0
+        model = copy.deepcopy(base)
+        tcfg = copy.deepcopy(cfg.train)
+        tcfg.seed = seed + s
+        result = train(model, dataset, tokenizer, tcfg, sdir / "train", accelerator, trainable=names,
+                       labels=groups, desc=f"MCL stage {s}")
+        ffn = ffn_state_dict(accelerator.unwrap_model(model), cfg.towers, cfg.blocks)
+        experts.append(ffn)
+        summary = {"stage": s, "config": asdict(cfg), "clusters": clusters, "train": result,
+                   "seconds": {"embed_and_cluster": round(t_cluster, 2), "train": result["seconds"]},
+                   "distance_to_experts": [round(ffn_distance(ffn, e), 5) for e in experts[:-1]]}
+        if accelerator.is_main_process:
+            io.save_tensors(sdir / "ffn.safetensors", ffn, metadata={"stage": s})
+            io.write_json(sdir / "stage.json", summary)
+        accelerator.wait_for_everyone()
+        log.info("MCL stage %d: %d groups (sizes %s...), distance to earlier experts %s", s,
+                 clusters["num_groups"], clusters["group_sizes"][:5], summary["distance_to_experts"])
+    return experts
+
+
+def _cluster(base: nn.Module, prev_ffn: dict, dataset: CaptionDataset, tokenizer: Callable, cfg: MCLConfig,
+             sdir: Path, accelerator: Accelerator, seed: int, previous: np.ndarray | None,
+             factor_columns: dict[str, list[str]] | None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Embed with the previous stage's model and cluster (main process); every rank reads the result."""
+    if accelerator.is_main_process and not (sdir / "clusters.json").exists():
+        model = copy.deepcopy(base)
+        load_ffn_state_dict(model, prev_ffn)
+        img, txt, ok = embed_corpus(model, dataset, tokenizer, sdir / "features", cfg.embed_batch,
+                                    accelerator.device)
+        del model
+        min_group = cfg.min_group or cfg.train.global_batch
+        c = cluster_stage(img, txt, previous, cfg.k_img, cfg.k_txt, min_group, seed)
+        for name in ("image_labels", "text_labels", "joint", "accumulated", "groups",
+                     "image_centroids", "text_centroids"):
+            io.save_npy(sdir / f"{name}.npy", getattr(c, name))
+        info = {"k_img": cfg.k_img, "k_txt": cfg.k_txt, "num_joint": int(len(np.unique(c.joint))),
+                "num_accumulated": int(c.accumulated.max() + 1), "num_groups": int(c.groups.max() + 1),
+                "merged_small_groups": c.merges, "min_group": min_group,
+                "group_sizes": group_sizes(c.groups), "unreadable_images": int((~ok).sum())}
+        if factor_columns:
+            info["nmi"] = {"image": alignment(c.image_labels, factor_columns),
+                           "text": alignment(c.text_labels, factor_columns),
+                           "groups": alignment(c.groups, factor_columns)}
+        io.write_json(sdir / "clusters.json", info)
+    accelerator.wait_for_everyone()
+    return (io.load_npy(sdir / "groups.npy"), io.load_npy(sdir / "accumulated.npy"),
+            io.read_json(sdir / "clusters.json"))

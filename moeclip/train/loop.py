@@ -1,0 +1,211 @@
+"""One contrastive training loop for every stage of the pipeline (pre-training, MCL stages,
+router fine-tuning, baselines): what changes between them is which parameters train, how
+batches are grouped, and which auxiliary losses are added.
+
+Resumable: every `ckpt_every` steps the trainable weights, optimizer and position are written
+into a fresh `ckpt/step_N` folder that appears (by rename) only when complete.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm import tqdm
+
+from moeclip import io
+from moeclip.data.dataset import CaptionDataset, Collate, record_skips
+from moeclip.data.sampler import GroupBatchSampler
+from moeclip.train.losses import clip_loss, gather_ids, gather_with_grad, positive_mask
+
+log = logging.getLogger(__name__)
+
+AuxLoss = Callable[[nn.Module], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch: int = 128
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    fixed_logit_scale: float | None = None  # None: the model's own (learned if trainable)
+    ckpt_every: int = 200
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0
+    stop_at: int | None = None  # leave after this step (checkpointed); re-launching continues the run
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+def freeze_except(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
+    wanted = set(names)
+    params = dict(model.named_parameters())
+    unknown = wanted - set(params)
+    if unknown:
+        raise ValueError(f"trainable parameter '{sorted(unknown)[0]}' does not exist in the model")
+    for n, p in params.items():
+        p.requires_grad_(n in wanted)
+    return [params[n] for n in names]
+
+
+def train(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: TrainConfig, out_dir: str | Path,
+          accelerator: Accelerator, trainable: list[str], labels: np.ndarray | None = None,
+          aux_loss: AuxLoss | None = None, desc: str = "train") -> dict[str, Any]:
+    """Train `trainable` params of `model` in place; return {history, steps, seconds, skipped}."""
+    out_dir = Path(out_dir)
+    params = freeze_except(model, trainable)
+    named = [(n, p) for n, p in zip(trainable, params)]
+    groups = [{"params": [p for n, p in named if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+    state = {"step": 0, "history": [], "seconds": 0.0}
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None:
+        state = _restore(ckpt, model, optimizer, scheduler, trainable)
+        log.info("%s: resuming from %s (step %d)", desc, ckpt, state["step"])
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    model.train()
+    sampler = GroupBatchSampler(labels, len(dataset), cfg.global_batch, accelerator.num_processes,
+                                accelerator.process_index, cfg.grad_accum, cfg.seed)
+    spe = sampler.steps_per_epoch()
+    collate = Collate(tokenizer)
+    device = accelerator.device
+    step, t_start = state["step"], time.time() - state["seconds"]
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not accelerator.is_main_process,
+               dynamic_ncols=True, leave=False)
+    batches = None
+    while step < cfg.steps:
+        if batches is None or step % spe == 0:
+            batches = _epoch_loader(dataset, sampler, step // spe, step % spe, collate, cfg.num_workers)
+        metrics: dict[str, float] = {}
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        for batch in micro:
+            record_skips(batch, dataset.skips)
+            loss, m = _micro_step(model, unwrapped, batch, dataset, cfg, device, aux_loss)
+            accelerator.backward(loss / len(micro))
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v / len(micro)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            entry = {"step": step, "lr": scheduler.get_last_lr()[0], **{k: round(v, 5) for k, v in metrics.items()}}
+            state["history"].append(entry)
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+        stopping = cfg.stop_at is not None and step >= cfg.stop_at
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
+            state.update(step=step, seconds=time.time() - t_start)
+            _save_checkpoint(out_dir, unwrapped, optimizer, scheduler, trainable, state, accelerator)
+        if stopping:
+            break
+    bar.close()
+    if dataset.skips.counts and accelerator.is_main_process:
+        log.warning("%s: %s", desc, dataset.skips.summary())
+    return {"history": state["history"], "steps": step, "seconds": round(time.time() - t_start, 2),
+            "samples": step * cfg.global_batch, "skipped": dict(dataset.skips.counts)}
+
+
+def _epoch_loader(dataset: CaptionDataset, sampler: GroupBatchSampler, epoch: int, start: int,
+                  collate: Collate, num_workers: int):
+    """This rank's micro-batches of one epoch from global step `start` on (resume skips, never re-reads)."""
+    micro = [mb for gb in sampler.global_batches(epoch)[start:] for mb in sampler.rank_micro_batches(gb)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro, collate_fn=collate,
+                                         num_workers=num_workers, persistent_workers=False)
+    return iter(loader)
+
+
+def _micro_step(model: nn.Module, unwrapped: nn.Module, batch: dict, dataset: CaptionDataset, cfg: TrainConfig,
+                device: torch.device, aux_loss: AuxLoss | None) -> tuple[torch.Tensor, dict[str, float]]:
+    if "image" not in batch:  # every sample of this micro-batch was unreadable: take part with no rows
+        size = unwrapped.visual.image_size
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        batch.update(image=torch.zeros(0, 3, *size), text=torch.zeros(0, unwrapped.context_length, dtype=torch.long))
+    image_f, text_f, scale = model(batch["image"].to(device), batch["text"].to(device))[:3]
+    idx = batch["index"]
+    cid = gather_ids(dataset.caption_ids[idx].to(device))
+    iid = gather_ids(dataset.image_ids[idx].to(device))
+    scale = cfg.fixed_logit_scale if cfg.fixed_logit_scale is not None else scale.reshape(())
+    image_all, text_all = gather_with_grad(image_f), gather_with_grad(text_f)
+    if image_all.shape[0] == 0:
+        loss = (image_f.sum() + text_f.sum()) * 0.0
+    else:
+        loss = clip_loss(image_all, text_all, scale, positive_mask(cid, iid), cfg.label_smoothing)
+    metrics = {"clip_loss": float(loss.detach())}
+    if aux_loss is not None:
+        extra, m = aux_loss(unwrapped)
+        loss = loss + extra
+        metrics.update(m)
+    metrics["loss"] = float(loss.detach())
+    return loss, metrics
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    root = Path(out_dir) / "ckpt"
+    done = sorted(p for p in root.glob("step_*") if (p / "state.json").exists()) if root.exists() else []
+    return done[-1] if done else None
+
+
+def _save_checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, trainable: list[str],
+                     state: dict, accelerator: Accelerator) -> None:
+    if accelerator.is_main_process:
+        root = out_dir / "ckpt"
+        final = root / f"step_{state['step']:07d}"
+        tmp = root / f".tmp_step_{state['step']:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        params = dict(model.named_parameters())
+        io.save_tensors(tmp / "trainable.safetensors", {n: params[n] for n in trainable})
+        io.save_torch_state(tmp / "optim.pt", {"optimizer": optimizer.state_dict(),
+                                               "scheduler": scheduler.state_dict(),
+                                               "torch_rng": torch.get_rng_state()})
+        io.write_json(tmp / "state.json", state)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(root.glob("step_*"))[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _restore(ckpt: Path, model: nn.Module, optimizer, scheduler, trainable: list[str]) -> dict:
+    weights = io.load_tensors(ckpt / "trainable.safetensors")
+    if sorted(weights) != sorted(trainable):
+        raise ValueError(f"{ckpt}: checkpoint trains other parameters than this run; delete it or change output_dir")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in weights.items():
+            params[n].copy_(v)
+    extra = io.load_torch_state(ckpt / "optim.pt")
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    return io.read_json(ckpt / "state.json")

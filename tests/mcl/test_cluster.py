@@ -1,0 +1,44 @@
+import numpy as np
+
+from moeclip.mcl.cluster import accumulate, alignment, cluster_stage, kmeans, merge_small_groups
+
+
+def test_accumulate_refines_partition():
+    a = accumulate(None, np.array([0, 0, 1, 1, 2]))
+    b = accumulate(a, np.array([0, 1, 0, 1, 0]))
+    assert len(np.unique(b)) == 5
+    # same pair -> same group
+    c = accumulate(np.array([0, 0, 1]), np.array([3, 3, 3]))
+    assert c[0] == c[1] != c[2]
+
+
+def test_merge_keeps_every_sample_and_reaches_min_size():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(20, size=500, p=np.r_[np.full(5, 0.15), np.full(15, 0.25 / 15)])
+    feats = rng.normal(size=(500, 4)) + labels[:, None]
+    merged, merges = merge_small_groups(labels, feats, min_size=40)
+    assert len(merged) == 500 and merges > 0
+    assert np.bincount(merged).min() >= 40
+    # merging only joins groups, never splits one
+    for g in np.unique(labels):
+        assert len(np.unique(merged[labels == g])) == 1
+
+
+def test_kmeans_finds_planted_clusters_and_nmi():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, 300)
+    centers = np.eye(8)[:3] * 5
+    x = centers[truth] + rng.normal(scale=0.3, size=(300, 8))
+    labels, cents = kmeans(x, 3, seed=0)
+    nmi = alignment(labels, {"truth": truth.tolist(), "noise": rng.integers(0, 3, 300).tolist()})
+    assert nmi["truth"] > 0.95 and nmi["noise"] < 0.1
+    assert cents.shape == (3, 8)
+
+
+def test_cluster_stage_joint_label():
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(200, 6))
+    txt = rng.normal(size=(200, 6))
+    c = cluster_stage(img, txt, None, 3, 2, min_group=10, seed=0)
+    assert ((c.joint == c.text_labels * 3 + c.image_labels)).all()
+    assert c.groups.max() + 1 <= len(np.unique(c.joint))
