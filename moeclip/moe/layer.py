@@ -1,0 +1,100 @@
+"""A sparse MoE FFN that drops into an open_clip block in place of its dense `mlp`.
+
+It takes and returns one tensor of the block's shape, so open_clip's blocks need no change; the
+routing of the last forward stays on the module (`last_routing`, `last_mask`) for the auxiliary
+losses and for expert-usage analysis.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .dispatch import DISPATCHERS
+from .router import Routing, TopKRouter
+
+
+class MoEFFN(nn.Module):
+    """Router + `experts` that keep the dense mlp's submodule names (`c_fc`, activation, `c_proj`).
+
+    Same names as the dense FFN mean an FFN weight set maps onto expert i by name:
+    `...mlp.experts.{i}.c_fc.weight` <-> dense `...mlp.c_fc.weight`.
+    """
+
+    def __init__(self, experts: list[nn.Module], router: TopKRouter, dispatch: str = "sorted") -> None:
+        super().__init__()
+        if len(experts) != router.num_experts:
+            raise ValueError(f"{len(experts)} experts but the router has {router.num_experts} outputs")
+        self.router = router
+        self.experts = nn.ModuleList(experts)
+        self.dispatch = dispatch
+        # Real-token mask [B, L] (False = padding), set per batch by the text tower's embedding hook.
+        self.token_mask: torch.Tensor | None = None
+        self.last_routing: Routing | None = None
+        self.last_mask: torch.Tensor | None = None  # flat [T] bool matching last_routing, or None = all real
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Module, num_experts: int, top_k: int, jitter: float = 0.0,
+                   router_init_std: float = 0.0, dispatch: str = "sorted") -> "MoEFFN":
+        """Every expert starts as an exact copy of `mlp` (activation type, weights, dtype, device)."""
+        if isinstance(mlp, MoEFFN):
+            raise ValueError("this FFN is already an MoE layer")
+        c_fc, c_proj = getattr(mlp, "c_fc", None), getattr(mlp, "c_proj", None)
+        if not (isinstance(c_fc, nn.Linear) and isinstance(c_proj, nn.Linear)):
+            raise ValueError("the dense mlp needs nn.Linear 'c_fc' and 'c_proj' submodules (open_clip layout)")
+        router = TopKRouter(c_fc.in_features, num_experts, top_k, jitter=jitter, init_std=router_init_std)
+        router.to(device=c_fc.weight.device, dtype=c_fc.weight.dtype)
+        experts = [copy.deepcopy(mlp) for _ in range(num_experts)]
+        return cls(experts, router, dispatch=dispatch)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    @property
+    def c_fc(self) -> nn.Linear:
+        """open_clip reads `blocks[0].mlp.c_fc.weight.dtype` to pick its cast dtype; keep that working."""
+        return self.experts[0].c_fc
+
+    @property
+    def dispatch(self) -> str:
+        return self._dispatch
+
+    @dispatch.setter
+    def dispatch(self, name: str) -> None:
+        if name not in DISPATCHERS:
+            raise ValueError(f"unknown dispatch {name!r}; expected one of {sorted(DISPATCHERS)}")
+        self._dispatch = name
+
+    def _real_token_mask(self, leading_shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        """Flat [T] mask, or None when unset or set for another batch shape (e.g. a CoCa class token)."""
+        mask = self.token_mask
+        if mask is None or tuple(mask.shape) != tuple(leading_shape):
+            return None
+        return mask.reshape(-1).to(device=device, dtype=torch.bool)
+
+    def _run_expert(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
+        return self.experts[index](tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d] -> [..., d]; every token goes through its k experts (dropless)."""
+        tokens = x.reshape(-1, x.shape[-1])
+        routing = self.router(tokens)
+        self.last_routing = routing
+        self.last_mask = self._real_token_mask(x.shape[:-1], x.device)
+        out = DISPATCHERS[self._dispatch](tokens, routing, self._run_expert, self.num_experts)
+        return out.reshape(x.shape)
+
+    def __getstate__(self) -> dict:
+        """Per-batch state is transient; a routing still attached to a graph would break `copy.deepcopy`."""
+        state = self.__dict__.copy()
+        state.update(token_mask=None, last_routing=None, last_mask=None)
+        return state
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, dispatch={self._dispatch!r}"
