@@ -1,0 +1,51 @@
+"""Config pieces and set-up steps shared by the recipes."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moeclip.data.synth import SynthSpec, write_corpus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SynthConfig:
+    """Generate the corpus when `data.train` is missing (the shipped default does this)."""
+    enabled: bool = True
+    out: str = "data/synth"
+    train: int = 20000
+    val: int = 1000
+    seed: int = 0
+    preset: str = "default"
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/synth/train.csv"
+    val: str = "data/synth/val.csv"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+def ensure_data(data: DataConfig, is_main: bool = True) -> None:
+    """Write the synthetic corpus if the configured tables are absent and synth is enabled."""
+    if Path(data.train).exists() and Path(data.val).exists():
+        return
+    if not data.synth.enabled:
+        raise FileNotFoundError(f"data.train '{data.train}' or data.val '{data.val}' not found; point them at your "
+                                "CSV/TSV tables or set data.synth.enabled=true to generate the synthetic corpus")
+    if is_main:
+        log.info("writing synthetic corpus to %s", data.synth.out)
+        paths = write_corpus(data.synth.out, SynthSpec(train=data.synth.train, val=data.synth.val,
+                                                       seed=data.synth.seed, preset=data.synth.preset))
+        if Path(data.train) != paths["train"] or Path(data.val) != paths["val"]:
+            raise FileNotFoundError(f"synthetic corpus written to {data.synth.out}, but data.train/data.val point to "
+                                    f"'{data.train}' / '{data.val}'; make them agree")
+
+
+def setup_logging(is_main: bool = True) -> None:
+    """moeclip's own progress at INFO on the main process; other libraries only warn."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("moeclip").setLevel(logging.INFO if is_main else logging.WARNING)

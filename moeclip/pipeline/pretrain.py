@@ -1,0 +1,53 @@
+"""Pre-train a small CLIP from scratch: how the shipped base checkpoint is made."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moeclip import io
+from moeclip.config import to_dict
+from moeclip.data.dataset import CaptionDataset
+from moeclip.eval.evaluate import evaluate, format_table
+from moeclip.loader import save_model_dir
+from moeclip.model.factory import build_dense, preprocess_for, tokenizer_for
+from moeclip.pipeline.common import DataConfig, ensure_data
+from moeclip.train.dist import make_accelerator
+from moeclip.train.loop import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    arch: str = "moeclip-tiny"
+    output_dir: str = "runs/pretrain"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict:
+    accelerator = make_accelerator()
+    ensure_data(cfg.data, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    torch.manual_seed(cfg.seed)
+    model = build_dense(cfg.arch)
+    preprocess, tokenizer = preprocess_for(model), tokenizer_for(cfg.arch, model.moeclip_arch["model_cfg"])
+    out = Path(cfg.output_dir)
+    ds = CaptionDataset(cfg.data.train, preprocess)
+    cfg.train.seed = cfg.seed
+    result = train(model, ds, tokenizer, cfg.train, out / "train", accelerator,
+                   trainable=[n for n, _ in model.named_parameters()], desc="pretrain")
+    metrics = {}
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model).eval()
+        metrics = evaluate(model, preprocess, tokenizer, cfg.data.val, progress=False)
+        save_model_dir(model, out / "model", extra={"trained_by": "recipes/pretrain.py", "config": to_dict(cfg),
+                                                    "val_metrics": metrics})
+        io.write_json(out / "metrics.json", {"val": metrics, "train": result})
+        print(format_table(metrics))
+    accelerator.wait_for_everyone()
+    return metrics

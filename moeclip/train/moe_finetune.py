@@ -1,0 +1,50 @@
+"""Fine-tuning an upcycled MoE CLIP: CLIP loss + load-balancing (+ z) loss per tower, on plain
+shuffled batches. The published method trains only the routers; the other modes exist for the
+baselines (router-only training cannot change an MoE of identical experts) and for ablations."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from moeclip.data.dataset import CaptionDataset
+from moeclip.moe import aux_losses, set_trainable
+from moeclip.train.loop import TrainConfig, train
+
+
+def _router_train_default() -> TrainConfig:
+    return TrainConfig(steps=150, lr=1e-3, weight_decay=0.0, warmup_steps=15, ckpt_every=50)
+
+
+@dataclass
+class MoEFinetuneConfig:
+    mode: Literal["router", "router+experts", "full"] = "router"
+    lb_coef: float = 0.01
+    z_coef: float = 0.0
+    train: TrainConfig = field(default_factory=_router_train_default)
+
+
+def moe_aux_loss(lb_coef: float, z_coef: float) -> Callable[[nn.Module], tuple[torch.Tensor, dict[str, float]]]:
+    """Sum over towers of lb_coef * LB + z_coef * z; each tower's loss is already a mean over its layers."""
+    def aux(model: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
+        total = torch.zeros(())
+        metrics = {}
+        for tower, losses in aux_losses(model).items():
+            total = total + lb_coef * losses["lb"] + z_coef * losses["z"]
+            metrics[f"lb_{tower}"] = float(losses["lb"].detach())
+            if z_coef:
+                metrics[f"z_{tower}"] = float(losses["z"].detach())
+        return total, metrics
+    return aux
+
+
+def finetune_moe(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: MoEFinetuneConfig,
+                 out_dir: str | Path, accelerator: Accelerator, seed: int = 0, desc: str = "router FT") -> dict:
+    names = set_trainable(model, cfg.mode)
+    tcfg = TrainConfig(**{**cfg.train.__dict__, "seed": seed})
+    return train(model, dataset, tokenizer, tcfg, out_dir, accelerator, trainable=names,
+                 aux_loss=moe_aux_loss(cfg.lb_coef, cfg.z_coef), desc=desc)

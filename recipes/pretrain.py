@@ -1,0 +1,18 @@
+"""Pre-train a small CLIP from scratch on a CSV corpus (makes the shipped base checkpoint).
+
+    accelerate launch recipes/pretrain.py [--config recipes/configs/pretrain.yaml] [key=value ...]
+"""
+import sys
+from pathlib import Path
+
+from moeclip.config import parse_recipe_args
+from moeclip.pipeline.common import setup_logging
+from moeclip.pipeline.pretrain import PretrainConfig, run_pretrain
+from moeclip.train.dist import finish
+
+if __name__ == "__main__":
+    cfg = parse_recipe_args(PretrainConfig, sys.argv[1:], Path(__file__).parent / "configs" / "pretrain.yaml",
+                            __doc__)
+    setup_logging()
+    run_pretrain(cfg)
+    finish(0)

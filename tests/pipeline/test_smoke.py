@@ -1,0 +1,42 @@
+"""The whole DMU pipeline, launched the way users launch it, on the smoke config (about a minute)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_dmu_smoke_end_to_end(tmp_path):
+    out = tmp_path / "smoke"
+    data = tmp_path / "data"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(REPO / "recipes" / "dmu.py"), "--config",
+           str(REPO / "recipes" / "configs" / "smoke.yaml"), f"output_dir={out}", f"data.train={data}/train.csv",
+           f"data.val={data}/val.csv", f"data.synth.out={data}", f"base={REPO / 'checkpoints' / 'base-tiny'}"]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert {"base", "mcl_stage_1", "mcl_stage_2", "upcycle", "dmu"} <= set(report["models"])
+    for m in report["models"].values():
+        assert {"image_to_text_R@1", "text_to_image_R@10", "factors"} <= set(m)
+    assert report["budgets"]["upcycle_samples"] == report["budgets"]["router_ft_samples"]
+    assert (out / "report.md").read_text().startswith("# DMU report")
+    # the saved model reproduces the report's DMU numbers through the CLI
+    ev = subprocess.run([str(Path(sys.executable).parent / "moeclip"), "eval", "--model", str(out / "model"),
+                         "--data", f"{data}/val.csv", "--out", str(tmp_path / "m.json")],
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    for k in ("image_to_text_R@1", "text_to_image_R@1", "mean_R@1"):
+        assert abs(m[k] - report["models"]["dmu"][k]) < 1e-6, k
+    # re-running the finished pipeline resumes: nothing is retrained, the report is rewritten
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["models"]["dmu"] == report["models"]["dmu"]
