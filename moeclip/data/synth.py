@@ -1,9 +1,9 @@
 """Synthetic image-caption corpus with factors of deliberately unequal salience.
 
-Each image is one object on a tinted background; its caption names every factor. Colour,
-position and shape cover many pixels and are learned first; the object's fill pattern and the
-background tint change few pixels by little, so a briefly trained CLIP suppresses them: the
-situation multistage contrastive learning exists for. Presets reorder the salience so results
+Each image is one object on a grey background; its caption names every factor. Colour, position
+and size are global, many-pixel signals and are learned first; the object's shape and its
+low-contrast fill pattern live in a few pixels under noise, so a briefly trained CLIP suppresses
+them: the situation multistage contrastive learning exists for. Presets reorder the salience so results
 can be checked on more than one ordering. docs/corpus.md describes the factors.
 """
 from __future__ import annotations
@@ -25,31 +25,28 @@ FACTORS: dict[str, list[str]] = {
     "shape": ["circle", "square", "triangle", "diamond", "cross", "ring"],
     "position": ["top left", "top", "top right", "left", "center", "right",
                  "bottom left", "bottom", "bottom right"],
-    "tint": ["warm", "cool", "neutral"],
 }
-TEMPLATE = "a {size} {colour} {pattern} {shape} at the {position} on a {tint} background"
+TEMPLATE = "a {size} {colour} {pattern} {shape} at the {position}"
 
 _RGB = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95),
         "yellow": (0.95, 0.9, 0.1), "purple": (0.6, 0.15, 0.8), "orange": (1.0, 0.55, 0.05),
         "white": (0.95, 0.95, 0.95), "cyan": (0.1, 0.85, 0.9)}
-_TINT = {"warm": (1.0, 0.0, -1.0), "cool": (-1.0, 0.0, 1.0), "neutral": (0.0, 0.0, 0.0)}
 
 
 @dataclass
 class Salience:
     """How visible each factor is; smaller = harder to learn."""
     colour_saturation: float = 1.0   # 0 = every colour the same grey
-    pattern_contrast: float = 0.25   # brightness swing of the fill pattern
-    tint_strength: float = 0.02      # RGB shift of the background
+    pattern_contrast: float = 0.15   # brightness swing of the fill pattern
     noise: float = 0.04              # per-pixel Gaussian noise
     jitter: int = 2                  # max position jitter in pixels
 
 
 PRESETS: dict[str, Salience] = {
-    # colour/position/shape easy; pattern and tint suppressed
+    # colour/position/size easy; shape and pattern suppressed
     "default": Salience(),
     # colour washed out and patterns bold: a different salience ordering
-    "muted": Salience(colour_saturation=0.18, pattern_contrast=0.7, tint_strength=0.12),
+    "muted": Salience(colour_saturation=0.18, pattern_contrast=0.7),
 }
 
 
@@ -80,8 +77,7 @@ def render(values: dict[str, str], sal: Salience, size: int, rng: np.random.Gene
     pat = _pattern(values["pattern"], yy, xx)  # in {-1, +1} or 0
     fill = np.clip(colour[None, None, :] * (1.0 + sal.pattern_contrast * pat[..., None]), 0, 1)
 
-    bg = 0.35 + sal.tint_strength * np.array(_TINT[values["tint"]], dtype=np.float32)
-    img = np.where(mask[..., None], fill, bg[None, None, :])
+    img = np.where(mask[..., None], fill, np.float32(0.35))
     img = img + rng.normal(0.0, sal.noise, img.shape).astype(np.float32)
     return np.clip(img, 0.0, 1.0)
 

@@ -74,14 +74,40 @@ def merge_small_groups(labels: np.ndarray, features: np.ndarray, min_size: int) 
 
 
 def cluster_stage(image_features: np.ndarray, text_features: np.ndarray, previous: np.ndarray | None,
-                  k_img: int, k_txt: int, min_group: int, seed: int) -> StageClusters:
-    il, ic = kmeans(image_features, k_img, seed)
-    tl, tc = kmeans(text_features, k_txt, seed + 1)
-    joint = tl * k_img + il
+                  k_img: int, k_txt: int, min_group: int, seed: int, features: str = "separate",
+                  project_out: tuple[np.ndarray, np.ndarray] | None = None) -> StageClusters:
+    """One stage's clustering.
+
+    features="separate" is the published recipe (k-means per modality, joint label t * k_img + i);
+    "joint" clusters the concatenated image+text features into k_img * k_txt clusters (joint label
+    = cluster id; the per-modality labels are then that id too). `project_out` = (image, text)
+    directions to remove first, e.g. the previous stage's centroids, so the stage cannot simply
+    re-find the partition it already used.
+    """
+    img, txt = _l2(image_features), _l2(text_features)
+    if project_out is not None:
+        img, txt = _remove_directions(img, project_out[0]), _remove_directions(txt, project_out[1])
+    if features == "separate":
+        il, ic = kmeans(img, k_img, seed)
+        tl, tc = kmeans(txt, k_txt, seed + 1)
+        joint = tl * k_img + il
+    elif features == "joint":
+        joint, cents = kmeans(np.concatenate([img, txt], axis=1), k_img * k_txt, seed)
+        il, tl = joint, joint
+        ic, tc = cents[:, :img.shape[1]], cents[:, img.shape[1]:]
+    else:
+        raise ValueError(f"mcl.cluster_features must be 'separate' or 'joint', got {features!r}")
     acc = accumulate(previous, joint)
-    both = np.concatenate([_l2(image_features), _l2(text_features)], axis=1)
+    both = np.concatenate([img, txt], axis=1)
     groups, merges = merge_small_groups(acc, both, min_group)
     return StageClusters(il, tl, joint, acc, groups, ic, tc, merges)
+
+
+def _remove_directions(x: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """Project out the span of `directions` (rows) and re-normalise."""
+    q, _ = np.linalg.qr(np.asarray(directions, dtype=np.float64).T)
+    y = x - (x @ q) @ q.T
+    return _l2(y)
 
 
 def alignment(labels: np.ndarray, columns: dict[str, list[str]]) -> dict[str, float]:

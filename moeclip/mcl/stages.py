@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 from accelerate import Accelerator
@@ -43,6 +43,12 @@ class MCLConfig:
     min_group: int | None = None         # merge groups below this size; None = one global batch
     embed_batch: int = 512
     train: TrainConfig = field(default_factory=_stage_train_default)
+    # variants (defaults = the published recipe)
+    cluster_features: Literal["separate", "joint"] = "separate"  # k-means per modality, or on [image, text]
+    group_size: int | None = None        # choose k from N so groups average this size (k_img/k_txt ignored)
+    accumulate: bool = True              # refine the previous stages' groups, or use this stage's alone
+    project_out_previous: bool = False   # remove the previous stage's centroid directions before clustering
+    start_from: Literal["base", "previous"] = "base"  # each stage restarts from the base FFNs, or continues
 
 
 def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: MCLConfig, out_dir: str | Path,
@@ -61,10 +67,14 @@ def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: 
             log.info("MCL stage %d: already done", s)
             continue
         t0 = time.time()
-        groups, previous_groups, clusters = _cluster(base, experts[-1], dataset, tokenizer, cfg, sdir, accelerator,
-                                                     seed + s, previous_groups, factor_columns)
+        groups, acc, clusters = _cluster(base, experts[-1], dataset, tokenizer, cfg, sdir, accelerator, seed + s,
+                                         previous_groups if cfg.accumulate else None, factor_columns,
+                                         out / f"stage_{s - 1}" if s > 1 else None)
+        previous_groups = acc
         t_cluster = time.time() - t0
         model = copy.deepcopy(base)
+        if cfg.start_from == "previous":
+            load_ffn_state_dict(model, experts[-1])
         tcfg = copy.deepcopy(cfg.train)
         tcfg.seed = seed + s
         result = train(model, dataset, tokenizer, tcfg, sdir / "train", accelerator, trainable=names,
@@ -85,7 +95,8 @@ def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: 
 
 def _cluster(base: nn.Module, prev_ffn: dict, dataset: CaptionDataset, tokenizer: Callable, cfg: MCLConfig,
              sdir: Path, accelerator: Accelerator, seed: int, previous: np.ndarray | None,
-             factor_columns: dict[str, list[str]] | None) -> tuple[np.ndarray, np.ndarray, dict]:
+             factor_columns: dict[str, list[str]] | None,
+             previous_dir: Path | None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Embed with the previous stage's model and cluster (main process); every rank reads the result."""
     if accelerator.is_main_process and not (sdir / "clusters.json").exists():
         model = copy.deepcopy(base)
@@ -94,11 +105,15 @@ def _cluster(base: nn.Module, prev_ffn: dict, dataset: CaptionDataset, tokenizer
                                     accelerator.device)
         del model
         min_group = cfg.min_group or cfg.train.global_batch
-        c = cluster_stage(img, txt, previous, cfg.k_img, cfg.k_txt, min_group, seed)
+        k_img, k_txt = _ks(cfg, len(img))
+        project = None
+        if cfg.project_out_previous and previous_dir is not None:
+            project = (io.load_npy(previous_dir / "image_centroids.npy"), io.load_npy(previous_dir / "text_centroids.npy"))
+        c = cluster_stage(img, txt, previous, k_img, k_txt, min_group, seed, cfg.cluster_features, project)
         for name in ("image_labels", "text_labels", "joint", "accumulated", "groups",
                      "image_centroids", "text_centroids"):
             io.save_npy(sdir / f"{name}.npy", getattr(c, name))
-        info = {"k_img": cfg.k_img, "k_txt": cfg.k_txt, "num_joint": int(len(np.unique(c.joint))),
+        info = {"k_img": k_img, "k_txt": k_txt, "cluster_features": cfg.cluster_features, "num_joint": int(len(np.unique(c.joint))),
                 "num_accumulated": int(c.accumulated.max() + 1), "num_groups": int(c.groups.max() + 1),
                 "merged_small_groups": c.merges, "min_group": min_group,
                 "group_sizes": group_sizes(c.groups), "unreadable_images": int((~ok).sum())}
@@ -110,3 +125,14 @@ def _cluster(base: nn.Module, prev_ffn: dict, dataset: CaptionDataset, tokenizer
     accelerator.wait_for_everyone()
     return (io.load_npy(sdir / "groups.npy"), io.load_npy(sdir / "accumulated.npy"),
             io.read_json(sdir / "clusters.json"))
+
+
+def _ks(cfg: MCLConfig, n: int) -> tuple[int, int]:
+    """k per modality: as configured, or derived from a target mean group size."""
+    if cfg.group_size is None:
+        return cfg.k_img, cfg.k_txt
+    groups = max(2, n // cfg.group_size)
+    if cfg.cluster_features == "joint":
+        return groups, 1
+    k = max(2, round(groups ** 0.5))
+    return k, k

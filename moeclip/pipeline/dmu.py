@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -22,11 +22,12 @@ from moeclip.data.dataset import CaptionDataset, read_table
 from moeclip.eval.evaluate import evaluate, find_factors
 from moeclip.loader import load, save_model_dir
 from moeclip.mcl.stages import MCLConfig, run_mcl
-from moeclip.model.ffn import ffn_distance, load_ffn_state_dict
+from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
 from moeclip.moe import upcycle
 from moeclip.pipeline.common import DataConfig, ensure_data
 from moeclip.pipeline.report import expert_usage, write_report
 from moeclip.train.dist import make_accelerator
+from moeclip.train.loop import train
 from moeclip.train.moe_finetune import MoEFinetuneConfig, finetune_moe
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,11 @@ def _baseline_default() -> MoEFinetuneConfig:
 class BaselinesConfig:
     upcycle: bool = True               # copy-upcycling: every expert a copy of the dense FFN
     upcycle_finetune: MoEFinetuneConfig = field(default_factory=_baseline_default)
+    dense_ft: bool = True              # continued fine-tuning of all FFNs, plain batches (MCL's hyper-parameters)
+    # "total": each baseline trains on as many samples as DMU used in all (MCL stages + router FT);
+    # "router_ft": only as many as DMU's router fine-tuning
+    budget: Literal["total", "router_ft"] = "total"
+    dmu_router_experts: bool = True    # also report DMU with routers + experts trained (an ablation)
 
 
 @dataclass
@@ -97,19 +103,40 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     timings["router_ft"] = time.time() - t
     evals("dmu", lambda: load(model_dir)[0])
 
+    bl = cfg.baselines
+    budget = ft["samples"] + (len(experts) - 1) * cfg.mcl.train.steps * cfg.mcl.train.global_batch
+    if bl.budget == "router_ft":
+        budget = ft["samples"]
     baseline_info = {}
-    if cfg.baselines.upcycle:
+    if bl.dmu_router_experts:
+        t = time.time()
+        dx = upcycle(copy.deepcopy(base), experts, top_k=ucfg.top_k, layers=ucfg.layers, towers=cfg.mcl.towers,
+                     jitter=ucfg.jitter, router_init_std=ucfg.router_init_std)
+        xcfg = copy.deepcopy(cfg.router_ft)
+        xcfg.mode = "router+experts"
+        xcfg.train.lr = bl.upcycle_finetune.train.lr
+        _finetune_once(dx, train_ds, tokenizer, xcfg, out / "ablations" / "dmu_router_experts" / "train",
+                       out / "ablations" / "dmu_router_experts" / "model", accelerator, cfg.seed,
+                       "DMU router+experts", {"pipeline": "dmu-router+experts"})
+        timings["dmu_router_experts"] = time.time() - t
+        evals("dmu_router_experts", lambda: load(out / "ablations" / "dmu_router_experts" / "model")[0])
+    if bl.upcycle:
         t = time.time()
         up = upcycle(copy.deepcopy(base), None, num_experts=len(experts), top_k=ucfg.top_k, layers=ucfg.layers,
                      towers=cfg.mcl.towers, jitter=ucfg.jitter, router_init_std=ucfg.router_init_std)
-        bcfg = copy.deepcopy(cfg.baselines.upcycle_finetune)
-        bcfg.train.steps = cfg.router_ft.train.steps      # same sample budget as DMU's router fine-tuning
-        bcfg.train.global_batch = cfg.router_ft.train.global_batch
+        bcfg = copy.deepcopy(bl.upcycle_finetune)
+        bcfg.train.steps = max(1, budget // bcfg.train.global_batch)
         baseline_info["upcycle"] = _finetune_once(up, train_ds, tokenizer, bcfg, out / "baselines" / "upcycle" / "train",
                                                   out / "baselines" / "upcycle" / "model", accelerator, cfg.seed,
                                                   "upcycle baseline", {"pipeline": "upcycle-baseline"})
         timings["upcycle_baseline"] = time.time() - t
         evals("upcycle", lambda: load(out / "baselines" / "upcycle" / "model")[0])
+    if bl.dense_ft:
+        t = time.time()
+        baseline_info["dense_ft"] = _dense_ft_once(base, train_ds, tokenizer, cfg, budget,
+                                                   out / "baselines" / "dense_ft", accelerator)
+        timings["dense_ft_baseline"] = time.time() - t
+        evals("dense_ft", lambda: load(out / "baselines" / "dense_ft" / "model")[0])
 
     report: dict[str, Any] = {}
     if main:
@@ -123,6 +150,9 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
             "expert_distance": [[round(ffn_distance(a, b), 5) for b in experts] for a in experts],
             "budgets": {"router_ft_samples": ft["samples"],
                         "mcl_samples_per_stage": cfg.mcl.train.steps * cfg.mcl.train.global_batch,
+                        "dmu_total_samples": ft["samples"] + (len(experts) - 1) * cfg.mcl.train.steps
+                        * cfg.mcl.train.global_batch,
+                        "baseline_budget_rule": bl.budget,
                         **{f"{k}_samples": v["samples"] for k, v in baseline_info.items()}},
             "expert_usage": expert_usage(load(model_dir)[0], preprocess, tokenizer, cfg.data.val,
                                          max_rows=min(len(val_rows), 512)),
@@ -136,6 +166,26 @@ def _stage_model(base: nn.Module, ffn: dict[str, torch.Tensor]) -> nn.Module:
     model = copy.deepcopy(base)
     load_ffn_state_dict(model, ffn)
     return model
+
+
+def _dense_ft_once(base: nn.Module, ds: CaptionDataset, tokenizer: Callable, cfg: DMUConfig, budget: int,
+                   out: Path, accelerator) -> dict:
+    """All FFNs of both towers, plain shuffled batches, MCL's hyper-parameters, `budget` samples."""
+    done = out / "model" / "config.json"
+    if done.exists():
+        return io.read_json(done).get("finetune", {})
+    model = copy.deepcopy(base)
+    tcfg = copy.deepcopy(cfg.mcl.train)
+    tcfg.steps = max(1, budget // tcfg.global_batch)
+    tcfg.seed = cfg.seed
+    result = train(model, ds, tokenizer, tcfg, out / "train", accelerator,
+                   trainable=ffn_param_names(model, cfg.mcl.towers, cfg.mcl.blocks), desc="dense FT baseline")
+    summary = {k: result[k] for k in ("steps", "samples", "seconds", "skipped")}
+    if accelerator.is_main_process:
+        save_model_dir(accelerator.unwrap_model(model), out / "model",
+                       extra={"pipeline": "dense-ft-baseline", "finetune": {**summary, "history": result["history"]}})
+    accelerator.wait_for_everyone()
+    return summary
 
 
 def _finetune_once(model: nn.Module, ds: CaptionDataset, tokenizer: Callable, ft: MoEFinetuneConfig, train_dir: Path,

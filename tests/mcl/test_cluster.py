@@ -42,3 +42,27 @@ def test_cluster_stage_joint_label():
     c = cluster_stage(img, txt, None, 3, 2, min_group=10, seed=0)
     assert ((c.joint == c.text_labels * 3 + c.image_labels)).all()
     assert c.groups.max() + 1 <= len(np.unique(c.joint))
+
+
+def test_project_out_moves_clusters_to_the_next_factor():
+    """Two planted factors; removing the dominant factor's centroid directions exposes the weaker one."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 3, 600)
+    b = rng.integers(0, 3, 600)
+    x = np.zeros((600, 12))
+    x[np.arange(600), a] = 6.0          # dominant factor in dims 0-2
+    x[np.arange(600), 3 + b] = 2.0      # weaker factor in dims 3-5
+    x += rng.normal(scale=0.2, size=x.shape)
+    first = cluster_stage(x, x, None, 3, 3, min_group=1, seed=0)
+    assert alignment(first.image_labels, {"a": a.tolist()})["a"] > 0.9
+    second = cluster_stage(x, x, None, 3, 3, min_group=1, seed=0,
+                           project_out=(first.image_centroids, first.text_centroids))
+    nmi = alignment(second.image_labels, {"a": a.tolist(), "b": b.tolist()})
+    assert nmi["b"] > 0.8 and nmi["a"] < 0.1
+
+
+def test_joint_features_mode():
+    rng = np.random.default_rng(2)
+    c = cluster_stage(rng.normal(size=(120, 4)), rng.normal(size=(120, 4)), None, 4, 1, min_group=5, seed=0,
+                      features="joint")
+    assert len(np.unique(c.joint)) == 4 and (c.image_labels == c.joint).all()

@@ -23,10 +23,12 @@ def test_dmu_smoke_end_to_end(tmp_path):
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert {"base", "mcl_stage_1", "mcl_stage_2", "upcycle", "dmu"} <= set(report["models"])
+    assert {"base", "mcl_stage_1", "mcl_stage_2", "upcycle", "dense_ft", "dmu", "dmu_router_experts"} \
+        == set(report["models"])
     for m in report["models"].values():
         assert {"image_to_text_R@1", "text_to_image_R@10", "factors"} <= set(m)
-    assert report["budgets"]["upcycle_samples"] == report["budgets"]["router_ft_samples"]
+    b = report["budgets"]
+    assert b["upcycle_samples"] == b["dense_ft_samples"] == b["dmu_total_samples"] == 3 * 6 * 32
     assert (out / "report.md").read_text().startswith("# DMU report")
     # the saved model reproduces the report's DMU numbers through the CLI
     ev = subprocess.run([str(Path(sys.executable).parent / "moeclip"), "eval", "--model", str(out / "model"),
