@@ -54,14 +54,26 @@ def read_table(path: str | Path, img_key: str = "filepath", caption_key: str = "
         raise DataError(f"{path}: data file not found")
     sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     try:
-        with open(path, newline="", encoding="utf-8", errors="strict") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
             reader = csv.DictReader(f, delimiter=sep)
             header = reader.fieldnames or []
             missing = [k for k in (img_key, caption_key) if k not in header]
             if missing:
                 raise DataError(f"{path}: missing column(s) {missing}; found {header}. "
                                 f"Name the image column '{img_key}' and the caption column '{caption_key}'")
-            rows = [dict(r) for r in reader]
+            rows = []
+            start = 2
+            for r in reader:
+                if reader.line_num - start > 0 and any(v and "\n" in v and sep in v for v in r.values()
+                                                       if isinstance(v, str)):
+                    raise DataError(f"{path}:{start}: a quoted field runs on to line {reader.line_num} and swallows "
+                                    "the rows in between; fix the unbalanced quote")
+                start = reader.line_num + 1
+                row = {k: v for k, v in r.items() if k is not None}
+                row["_line"] = str(reader.line_num)
+                # a row with too many or too few fields: usually a stray quote or delimiter
+                row["_malformed"] = "1" if None in r or any(v is None for v in r.values()) else ""
+                rows.append(row)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e}); re-save the table as UTF-8") from None
     except csv.Error as e:
@@ -79,15 +91,26 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.skips = SkipLog()
         root = self.table.parent
         self.rows: list[dict[str, str]] = []
-        for line, row in enumerate(read_table(self.table, img_key, caption_key), start=2):
+        seen: set[tuple[str, str]] = set()
+        self.duplicate_rows = 0
+        for row in read_table(self.table, img_key, caption_key):
+            where = f"{self.table}:{row['_line']}"
             cap = (row.get(caption_key) or "").strip()
-            if not cap:
-                self.skips.add("empty caption", f"{self.table}:{line}")
+            if row["_malformed"]:
+                self.skips.add("malformed row (field count differs from header)", where)
                 continue
-            p = Path(row.get(img_key) or "")
+            if not cap:
+                self.skips.add("empty caption", where)
+                continue
+            if not (row.get(img_key) or "").strip():
+                self.skips.add("empty image path", where)
+                continue
+            p = Path(row[img_key].strip())
             row["_path"] = str(p if p.is_absolute() else root / p)
             row["_caption"] = cap[:max_caption_chars]
-            row["_line"] = str(line)
+            key = (row["_path"], row["_caption"])
+            self.duplicate_rows += key in seen  # kept: a repeated pair is data, not an error
+            seen.add(key)
             self.rows.append(row)
         if not self.rows:
             raise DataError(f"{self.table}: no usable rows ({self.skips.summary()})")
@@ -126,6 +149,11 @@ def load_image(path: str | Path) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float: rescale, don't clip
+                import numpy as np
+                a = np.asarray(im, dtype=np.float64)
+                lo, hi = float(a.min()), float(a.max())
+                im = Image.fromarray(((a - lo) / max(hi - lo, 1e-12) * 255).astype("uint8"))
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
