@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from moeclip import io
-from moeclip.model.factory import Tokenizer, build_dense, create_open_clip, preprocess_for, tokenizer_for
+from moeclip.model.factory import (Tokenizer, build_dense, create_open_clip, model_config, preprocess_for,
+                                   tokenizer_for)
 
 FORMAT = "moeclip-model"
 FORMAT_VERSION = 1
@@ -32,8 +33,11 @@ def load(name_or_path: str | os.PathLike, pretrained: str | None = None,
     elif path.suffix in (".json", ".safetensors") or path.exists():
         raise ValueError(f"{path}: expected a moeclip model directory (config.json + model.safetensors) "
                          "or an architecture name such as 'ViT-B-32:openai'")
+    elif "/" in str(name_or_path) or "\\" in str(name_or_path) or str(name_or_path).startswith("."):
+        raise FileNotFoundError(f"{path}: no such model directory")
     else:
         arch, _, tag = str(name_or_path).partition(":")
+        model_config(arch)  # unknown names fail here, with the list of what exists
         model = create_open_clip(arch, pretrained or tag or None, device)
     model.eval()
     arch_info = model.moeclip_arch

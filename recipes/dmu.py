@@ -9,13 +9,16 @@ import sys
 from pathlib import Path
 
 from moeclip.config import parse_recipe_args
-from moeclip.pipeline.common import setup_logging
+from moeclip.pipeline.common import run_guarded, setup_logging
 from moeclip.pipeline.dmu import DMUConfig, run_dmu
-from moeclip.train.dist import finish
 
-if __name__ == "__main__":
+
+def main() -> None:
     cfg = parse_recipe_args(DMUConfig, sys.argv[1:], Path(__file__).parent / "configs" / "default.yaml", __doc__)
     setup_logging()
     run_dmu(cfg)
     print(f"report: {Path(cfg.output_dir) / 'report.md'}")
-    finish(0)
+
+
+if __name__ == "__main__":
+    run_guarded(main)

@@ -6,13 +6,16 @@ import sys
 from pathlib import Path
 
 from moeclip.config import parse_recipe_args
-from moeclip.pipeline.common import setup_logging
+from moeclip.pipeline.common import run_guarded, setup_logging
 from moeclip.pipeline.pretrain import PretrainConfig, run_pretrain
-from moeclip.train.dist import finish
 
-if __name__ == "__main__":
+
+def main() -> None:
     cfg = parse_recipe_args(PretrainConfig, sys.argv[1:], Path(__file__).parent / "configs" / "pretrain.yaml",
                             __doc__)
     setup_logging()
     run_pretrain(cfg)
-    finish(0)
+
+
+if __name__ == "__main__":
+    run_guarded(main)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 from moeclip.data.synth import SynthSpec, write_corpus
@@ -49,3 +50,30 @@ def setup_logging(is_main: bool = True) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("moeclip").setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def run_guarded(main: Callable[[], object]) -> None:
+    """Run a recipe; a user error ends it with one line and exit code 2, any crash with exit code 1.
+
+    Set MOECLIP_DEBUG=1 for the full traceback. The exit goes through `finish`, so a launched
+    multi-process job never hangs or aborts at interpreter exit.
+    """
+    import os
+    import sys
+    import traceback
+
+    from moeclip.config import ConfigError
+    from moeclip.data.dataset import DataError
+    from moeclip.train.dist import finish
+    try:
+        main()
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("MOECLIP_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        finish(2)
+    except BaseException as e:  # a bug or a failing rank: show it, and take the other ranks down with us
+        traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        finish(1)
+    finish(0)
