@@ -24,7 +24,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, preprocess, tokenizer = load(args.model, pretrained=args.pretrained, device=args.device)
     metrics = evaluate(model, preprocess, tokenizer, args.data, class_column=args.class_column,
                        templates=args.template or ["a photo of a {}."], batch_size=args.batch_size,
-                       device=args.device, num_workers=args.workers)
+                       device=args.device, num_workers=args.workers, split=args.split,
+                       image_root=args.image_root)
     print(format_table(metrics))
     if args.out:
         io.write_json(args.out, metrics)
@@ -59,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="retrieval R@1/5/10, zero-shot accuracy and per-factor probe on a CSV/TSV")
     e.add_argument("--model", required=True, help="moeclip model directory, or open_clip 'ARCH:TAG'")
     e.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file (with an ARCH)")
-    e.add_argument("--data", required=True, help="CSV/TSV with filepath,title columns")
+    e.add_argument("--data", required=True, help="CSV/TSV with filepath,title columns, or a COCO/Flickr "
+                   "Karpathy-split caption .json")
+    e.add_argument("--split", default="test", help="Karpathy split to evaluate (.json data; default test)")
+    e.add_argument("--image-root", default=None, help="folder of the Karpathy JSON's images (default: its folder)")
     e.add_argument("--out", default=None, help="write metrics JSON here")
     e.add_argument("--class-column", default=None, help="column holding class names for zero-shot accuracy")
     e.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
@@ -72,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--pretrained", default=None)
     i.set_defaults(func=cmd_info)
+
+
+    from moeclip.analysis.commands import add_commands as add_analysis_commands
+    from moeclip.search.commands import add_commands as add_search_commands
+    add_search_commands(sub, default_device="cuda" if _cuda() else "cpu")
+    add_analysis_commands(sub, default_device="cuda" if _cuda() else "cpu")
     return p
 
 

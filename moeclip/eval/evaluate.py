@@ -12,6 +12,7 @@ from torch import nn
 
 from moeclip import io
 from moeclip.data.dataset import CaptionDataset, DataError
+from moeclip.data.karpathy import KarpathyDataset, is_karpathy
 from moeclip.eval.probe import factor_probe
 from moeclip.eval.retrieval import retrieval_metrics
 from moeclip.model.encode import encode_texts, iter_image_batches, unique_first
@@ -29,9 +30,14 @@ def find_factors(table: str | Path) -> dict[str, Any] | None:
 def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table: str | Path,
              class_column: str | None = None, templates: Sequence[str] = ("a photo of a {}.",),
              factors: dict[str, Any] | None = None, batch_size: int = 256, device: str | torch.device = "cpu",
-             num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
+             num_workers: int = 0, progress: bool = True, split: str = "test",
+             image_root: str | Path | None = None) -> dict[str, Any]:
+    """`table`: CSV/TSV, or a Karpathy-split caption JSON (`split`, `image_root` apply to that only)."""
     model = model.to(device).eval()
-    ds = CaptionDataset(table, preprocess)
+    if is_karpathy(table):
+        ds: CaptionDataset = KarpathyDataset(table, preprocess, split=split, image_root=image_root)
+    else:
+        ds = CaptionDataset(table, preprocess)
     paths, first_rows, image_of_row = unique_first([r["_path"] for r in ds.rows])
     captions, _, caption_of_row = unique_first(ds.captions)
 
@@ -60,7 +66,8 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
     if class_column:
         metrics["zeroshot"] = zero_shot(model, tokenizer, image_features,
                                         [r[class_column] for r in rows_of_image], templates, device)
-    factors = factors if factors is not None else find_factors(table)
+    if factors is None and not is_karpathy(table):
+        factors = find_factors(table)
     if factors:
         missing = [f for f in factors["factors"] if f not in ds.rows[0]]
         if missing:

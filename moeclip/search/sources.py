@@ -1,0 +1,42 @@
+"""Which images an index covers: every image file under a folder, or the `filepath` column of a table.
+
+The list is fixed when an index starts (saved as `sources.json`), so a resumed run walks exactly the
+same files in the same order even if the folder changed meanwhile.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moeclip.data.dataset import DataError, read_table
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def list_images(source: str | Path, img_key: str = "filepath") -> list[str]:
+    """Absolute image paths: a folder (recursive, sorted, common extensions) or a CSV/TSV's `img_key`
+    column (relative paths resolve against the table's folder; repeated images are kept once)."""
+    source = Path(source)
+    if source.is_dir():
+        found = []
+        for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [str(Path(dirpath, f).absolute()) for f in filenames
+                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        if not found:
+            raise DataError(f"{source}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return sorted(found)
+    if not source.exists():
+        raise DataError(f"{source}: no such folder or table; pass a folder of images or a CSV with a "
+                        f"'{img_key}' column")
+    rows = read_table(source, img_key=img_key, caption_key=img_key)
+    root = source.parent.absolute()
+    seen: dict[str, None] = {}
+    for row in rows:
+        p = Path(row.get(img_key) or "")
+        if str(p) in ("", "."):
+            continue
+        seen.setdefault(str(p if p.is_absolute() else root / p), None)
+    if not seen:
+        raise DataError(f"{source}: the '{img_key}' column is empty")
+    return list(seen)
