@@ -72,7 +72,12 @@ class TopKRouter(nn.Module):
             logits = F.linear(router_in, self.proj.weight.float())
         probs = logits.softmax(dim=-1)
         top_probs, experts = probs.topk(self.top_k, dim=-1)
-        weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        if self.top_k == 1:
+            # the renormalised top-1 weight is always 1 and carries no gradient; this straight-through
+            # form keeps the value 1 (so upcycling stays exact) while the task loss still reaches the router
+            weights = top_probs / top_probs.detach()
+        else:
+            weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
         return Routing(logits=logits, probs=probs, weights=weights.to(x.dtype), experts=experts)
 
     def extra_repr(self) -> str:

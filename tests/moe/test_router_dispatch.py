@@ -88,3 +88,16 @@ def test_sorted_dispatch_matches_loop_dispatch(top_k, empty_expert):
         want = sum(routing.weights[t, j] * expert_fn(int(routing.experts[t, j]), x[t:t + 1])[0]
                    for j in range(top_k))
         torch.testing.assert_close(out_s[t], want.detach())
+
+
+def test_top1_router_gets_task_gradient():
+    """Top-1 weights are exactly 1 in the forward, yet the router learns from the task loss."""
+    import torch
+    from moeclip.moe import TopKRouter
+    torch.manual_seed(0)
+    r = TopKRouter(8, 4, top_k=1, init_std=0.1)
+    x = torch.randn(16, 8)
+    routing = r(x)
+    assert torch.equal(routing.weights, torch.ones_like(routing.weights))
+    (routing.weights * torch.randn(16, 1)).sum().backward()
+    assert r.proj.weight.grad is not None and r.proj.weight.grad.abs().sum() > 0
