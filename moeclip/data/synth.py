@@ -37,7 +37,7 @@ _RGB = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0
 class Salience:
     """How visible each factor is; smaller = harder to learn."""
     colour_saturation: float = 1.0   # 0 = every colour the same grey
-    pattern_contrast: float = 0.15   # brightness swing of the fill pattern
+    pattern_contrast: float = 0.10   # brightness swing of the fill pattern
     noise: float = 0.04              # per-pixel Gaussian noise
     jitter: int = 2                  # max position jitter in pixels
 
@@ -53,7 +53,7 @@ PRESETS: dict[str, Salience] = {
 @dataclass
 class SynthSpec:
     train: int = 20000
-    val: int = 1000
+    val: int = 2000
     seed: int = 0
     image_size: int = 32
     preset: str = "default"

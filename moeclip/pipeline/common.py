@@ -17,7 +17,7 @@ class SynthConfig:
     enabled: bool = True
     out: str = "data/synth"
     train: int = 20000
-    val: int = 1000
+    val: int = 2000
     seed: int = 0
     preset: str = "default"
 
