@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="write the synthetic image-caption corpus (PNG + train.csv/val.csv)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--train", type=int, default=20000, help="training rows (default 20000)")
-    s.add_argument("--val", type=int, default=1000, help="validation rows (default 1000)")
+    s.add_argument("--val", type=int, default=2000, help="validation rows (default 2000)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--preset", default="default", help="factor salience preset: default or muted")
     s.add_argument("--image-size", type=int, default=32)
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--pretrained", default=None)
     i.set_defaults(func=cmd_info)
 
+    from moeclip.consolidate import add_command as add_consolidate_command
+    add_consolidate_command(sub)
 
     from moeclip.analysis.commands import add_commands as add_analysis_commands
     from moeclip.search.commands import add_commands as add_search_commands

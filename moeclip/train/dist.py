@@ -1,12 +1,16 @@
 """Process-group set-up and teardown that works the same on CPU (gloo) and GPU (nccl).
 
 accelerate leaves the backend unset without a GPU and then reports one process; gloo processes
-sometimes abort at interpreter exit. Both are handled here so recipes never see them.
+sometimes abort at interpreter exit. Both are handled here so recipes never see them. The
+launch's parallel layout that accelerate does not know about (the expert-parallel size) rides on
+the accelerator, because like the process count it is a property of the launch, not of a stage.
 """
 from __future__ import annotations
 
 import os
 import sys
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,11 +19,26 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 
-def make_accelerator(**kwargs: Any) -> Accelerator:
+@dataclass
+class DistributedConfig:
+    """`distributed:` in a recipe YAML. Only read under a DeepSpeed launch (docs/distributed.md)."""
+    ep_size: int | None = None  # processes that share one copy of the experts; None = as many as possible
+
+
+def make_accelerator(distributed: DistributedConfig | None = None, **kwargs: Any) -> Accelerator:
+    # torch deprecates the all_gather flavours our gathered loss and DeepSpeed call; libraries reset the
+    # warning registry, so the notice would print on every step of every rank
+    warnings.filterwarnings("ignore", message=r".*all_gather.*is deprecated", category=FutureWarning)
     handlers = list(kwargs.pop("kwargs_handlers", []))
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(kwargs_handlers=handlers, **kwargs)
+    accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
+    accelerator.moeclip_distributed = distributed or DistributedConfig()
+    return accelerator
+
+
+def distributed_config(accelerator: Accelerator) -> DistributedConfig:
+    return getattr(accelerator, "moeclip_distributed", None) or DistributedConfig()
 
 
 def finish(code: int = 0) -> None:

@@ -31,14 +31,15 @@ class MoEFinetuneConfig:
 def moe_aux_loss(lb_coef: float, z_coef: float) -> Callable[[nn.Module], tuple[torch.Tensor, dict[str, float]]]:
     """Sum over towers of lb_coef * LB + z_coef * z; each tower's loss is already a mean over its layers."""
     def aux(model: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
-        total = torch.zeros(())
+        total: torch.Tensor | None = None  # starts on the losses' device (no CPU scalar on a GPU graph)
         metrics = {}
         for tower, losses in aux_losses(model).items():
-            total = total + lb_coef * losses["lb"] + z_coef * losses["z"]
+            term = lb_coef * losses["lb"] + z_coef * losses["z"]
+            total = term if total is None else total + term
             metrics[f"lb_{tower}"] = float(losses["lb"].detach())
             if z_coef:
                 metrics[f"z_{tower}"] = float(losses["z"].detach())
-        return total, metrics
+        return (total if total is not None else torch.zeros(())), metrics
     return aux
 
 
