@@ -42,12 +42,16 @@ def distributed_config(accelerator: Accelerator) -> DistributedConfig:
 
 
 def finish(code: int = 0) -> None:
-    """barrier -> destroy_process_group -> flush -> os._exit: a launched job never dies at exit."""
+    """barrier -> destroy_process_group -> flush -> os._exit: a launched job never dies at exit.
+
+    On failure no collective is attempted (the other ranks may be gone or stuck): the process leaves at
+    once with a non-zero code, and the launcher (torchrun / accelerate) takes the other ranks down.
+    """
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     try:
         if multi and code == 0:
             dist.barrier()
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized() and code == 0:
             dist.destroy_process_group()
     finally:
         sys.stdout.flush()
