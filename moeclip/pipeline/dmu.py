@@ -18,15 +18,16 @@ from torch import nn
 
 from moeclip import io
 from moeclip.config import to_dict
-from moeclip.data.dataset import CaptionDataset, read_table
+from moeclip.data.dataset import CaptionDataset
 from moeclip.eval.evaluate import evaluate, find_factors
 from moeclip.loader import load, save_model_dir
 from moeclip.mcl.stages import MCLConfig, run_mcl
 from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
 from moeclip.moe import upcycle
 from moeclip.pipeline.common import DataConfig, ensure_data
-from moeclip.pipeline.report import expert_usage, write_report
-from moeclip.train.dist import make_accelerator
+from moeclip.analysis import analyse_experts, write_expert_report
+from moeclip.pipeline.report import write_report
+from moeclip.train.dist import DistributedConfig, make_accelerator
 from moeclip.train.loop import train
 from moeclip.train.moe_finetune import MoEFinetuneConfig, finetune_moe
 
@@ -62,18 +63,21 @@ class DMUConfig:
     output_dir: str = "runs/dmu"
     seed: int = 0
     eval_batch: int = 256
+    # expert analysis of the final model (`moeclip experts`); "auto" groups by the base's weakest factor
+    experts_group_by: str | None = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     mcl: MCLConfig = field(default_factory=MCLConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     router_ft: MoEFinetuneConfig = field(default_factory=MoEFinetuneConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # docs/distributed.md
 
 
 def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.distributed)
     main = accelerator.is_main_process
     out = Path(cfg.output_dir)
-    timings: dict[str, float] = {}
+    started = time.time()
     ensure_data(cfg.data, main)
     accelerator.wait_for_everyone()
     torch.manual_seed(cfg.seed)
@@ -83,24 +87,18 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
     evals = _Evaluator(out / "evals", preprocess, tokenizer, cfg, main)
 
-    t = time.time()
     experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, out / "mcl", accelerator, cfg.seed, factor_columns)
-    timings["mcl"] = time.time() - t
 
-    t = time.time()
     evals("base", lambda: base)
     for s in range(1, len(experts)):
         evals(f"mcl_stage_{s}", lambda s=s: _stage_model(base, experts[s]))
-    timings["eval_base_and_stages"] = time.time() - t
 
     ucfg = cfg.upcycle
-    t = time.time()
     dmu = upcycle(copy.deepcopy(base), experts, top_k=ucfg.top_k, layers=ucfg.layers, towers=cfg.mcl.towers,
                   jitter=ucfg.jitter, router_init_std=ucfg.router_init_std)
     model_dir = out / "model"
     ft = _finetune_once(dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, accelerator,
                         cfg.seed, "DMU router FT", {"pipeline": "dmu", "config": to_dict(cfg)})
-    timings["router_ft"] = time.time() - t
     evals("dmu", lambda: load(model_dir)[0])
 
     bl = cfg.baselines
@@ -109,7 +107,6 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         budget = ft["samples"]
     baseline_info = {}
     if bl.dmu_router_experts:
-        t = time.time()
         dx = upcycle(copy.deepcopy(base), experts, top_k=ucfg.top_k, layers=ucfg.layers, towers=cfg.mcl.towers,
                      jitter=ucfg.jitter, router_init_std=ucfg.router_init_std)
         xcfg = copy.deepcopy(cfg.router_ft)
@@ -118,10 +115,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         _finetune_once(dx, train_ds, tokenizer, xcfg, out / "ablations" / "dmu_router_experts" / "train",
                        out / "ablations" / "dmu_router_experts" / "model", accelerator, cfg.seed,
                        "DMU router+experts", {"pipeline": "dmu-router+experts"})
-        timings["dmu_router_experts"] = time.time() - t
         evals("dmu_router_experts", lambda: load(out / "ablations" / "dmu_router_experts" / "model")[0])
     if bl.upcycle:
-        t = time.time()
         up = upcycle(copy.deepcopy(base), None, num_experts=len(experts), top_k=ucfg.top_k, layers=ucfg.layers,
                      towers=cfg.mcl.towers, jitter=ucfg.jitter, router_init_std=ucfg.router_init_std)
         bcfg = copy.deepcopy(bl.upcycle_finetune)
@@ -129,22 +124,18 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         baseline_info["upcycle"] = _finetune_once(up, train_ds, tokenizer, bcfg, out / "baselines" / "upcycle" / "train",
                                                   out / "baselines" / "upcycle" / "model", accelerator, cfg.seed,
                                                   "upcycle baseline", {"pipeline": "upcycle-baseline"})
-        timings["upcycle_baseline"] = time.time() - t
         evals("upcycle", lambda: load(out / "baselines" / "upcycle" / "model")[0])
     if bl.dense_ft:
-        t = time.time()
         baseline_info["dense_ft"] = _dense_ft_once(base, train_ds, tokenizer, cfg, budget,
                                                    out / "baselines" / "dense_ft", accelerator)
-        timings["dense_ft_baseline"] = time.time() - t
         evals("dense_ft", lambda: load(out / "baselines" / "dense_ft" / "model")[0])
 
     report: dict[str, Any] = {}
     if main:
-        val_rows = read_table(cfg.data.val)
         report = {
             "models": evals.results,
             "config": to_dict(cfg),
-            "timings": {k: round(v, 1) for k, v in timings.items()},
+            "timings": _timings(out, len(experts), started),
             "mcl": [io.read_json(out / "mcl" / f"stage_{s}" / "stage.json")["clusters"]
                     for s in range(1, len(experts))],
             "expert_distance": [[round(ffn_distance(a, b), 5) for b in experts] for a in experts],
@@ -154,12 +145,44 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
                         * cfg.mcl.train.global_batch,
                         "baseline_budget_rule": bl.budget,
                         **{f"{k}_samples": v["samples"] for k, v in baseline_info.items()}},
-            "expert_usage": expert_usage(load(model_dir)[0], preprocess, tokenizer, cfg.data.val,
-                                         max_rows=min(len(val_rows), 512)),
         }
+        report.update(_analyse(load(model_dir)[0], preprocess, tokenizer, cfg, evals.results["base"], out))
         write_report(out, report)
     accelerator.wait_for_everyone()
     return report
+
+
+def _timings(out: Path, num_experts: int, started: float) -> dict[str, float]:
+    """Seconds each step took when it ran, read from the files that mark it done (so a resumed run
+    reports the real durations), plus this invocation's wall time."""
+    t: dict[str, float] = {}
+    for s in range(1, num_experts):
+        sec = io.read_json(out / "mcl" / f"stage_{s}" / "stage.json")["seconds"]
+        t[f"mcl_stage_{s}_embed_cluster"] = sec["embed_and_cluster"]
+        t[f"mcl_stage_{s}_train"] = sec["train"]
+    for name, cfg_path in (("router_ft", out / "model"), ("dmu_router_experts", out / "ablations" / "dmu_router_experts"
+                           / "model"), ("upcycle", out / "baselines" / "upcycle" / "model"),
+                           ("dense_ft", out / "baselines" / "dense_ft" / "model")):
+        if (cfg_path / "config.json").exists():
+            t[name] = io.read_json(cfg_path / "config.json").get("finetune", {}).get("seconds")
+    t["this_invocation_wall"] = round(time.time() - started, 1)
+    return t
+
+
+def _analyse(model: nn.Module, preprocess: Callable, tokenizer: Callable, cfg: DMUConfig, base_metrics: dict,
+             out: Path) -> dict[str, Any]:
+    """`moeclip experts` on the final model; the report links its pictures."""
+    group = cfg.experts_group_by
+    if group == "auto":
+        factors = base_metrics.get("factors") or {}
+        group = min(factors, key=factors.get) if factors else None
+    result = analyse_experts(model, preprocess, tokenizer, cfg.data.val, group_by=group, progress=False)
+    paths = write_expert_report(result, out / "experts")
+    usage = [{k: layer[k] for k in ("tower", "block", "load", "top1", "load_cv")}
+             | ({"mi_bits": layer["groups"]["mi_bits"], "mi_null_p95_bits": layer["groups"]["mi_null_p95_bits"]}
+                if "groups" in layer else {}) for layer in result["layers"]]
+    return {"expert_usage": usage, "expert_group_by": group,
+            "expert_pictures": {k: str(p.relative_to(out)) for k, p in paths.items() if p.suffix == ".png"}}
 
 
 def _stage_model(base: nn.Module, ffn: dict[str, torch.Tensor]) -> nn.Module:

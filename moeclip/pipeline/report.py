@@ -5,55 +5,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from torch import nn
+from typing import Any
 
 from moeclip import io
-from moeclip.data.dataset import CaptionDataset, Collate
-from moeclip.moe import moe_layers
 
 RETRIEVAL = ["image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10",
              "text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "mean_R@1"]
-
-
-@torch.no_grad()
-def expert_usage(model: nn.Module, preprocess: Callable, tokenizer: Callable, table: str | Path,
-                 max_rows: int = 512, batch_size: int = 128) -> list[dict[str, Any]]:
-    """Per MoE layer: share of routed slots per expert, share as top-1, and the load's coefficient of variation."""
-    ds = CaptionDataset(table, preprocess)
-    layers = moe_layers(model)
-    slots = {(t, b): None for t, b, _ in layers}
-    top1 = {(t, b): None for t, b, _ in layers}
-    collate = Collate(tokenizer)
-    for a in range(0, min(max_rows, len(ds)), batch_size):
-        batch = collate([ds[i] for i in range(a, min(a + batch_size, max_rows, len(ds)))])
-        if "image" not in batch:
-            continue
-        for tower, encode in (("visual", lambda: model.encode_image(batch["image"])),
-                              ("text", lambda: model.encode_text(batch["text"]))):
-            encode()
-            for t, b, layer in layers:
-                if t != tower or layer.last_routing is None:
-                    continue
-                r, mask = layer.last_routing, layer.last_mask
-                chosen = r.experts if mask is None else r.experts[mask]
-                e = r.num_experts
-                c = torch.bincount(chosen.flatten(), minlength=e).double()
-                c1 = torch.bincount(chosen[:, 0], minlength=e).double()
-                slots[(t, b)] = c if slots[(t, b)] is None else slots[(t, b)] + c
-                top1[(t, b)] = c1 if top1[(t, b)] is None else top1[(t, b)] + c1
-    out = []
-    for (t, b), c in slots.items():
-        if c is None:
-            continue
-        share = c / c.sum()
-        cv = float(share.std(unbiased=False) / share.mean())
-        out.append({"tower": t, "block": b, "load": [round(float(x), 4) for x in share],
-                    "top1": [round(float(x), 4) for x in top1[(t, b)] / top1[(t, b)].sum()],
-                    "load_cv": round(cv, 4)})
-    return out
 
 
 def _pct(x: Any) -> str:
@@ -87,13 +44,23 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| e{i} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
     usage = report.get("expert_usage")
     if usage:
+        group = report.get("expert_group_by")
         lines += ["", "## Expert usage of the DMU model (validation, real tokens)", "",
-                  "| tower | block | load per expert | top-1 share | load CV |", "|---|---|---|---|---|"]
+                  "Load = share of routed slots per expert (e0 = base); CV 0 = balanced."
+                  + (f" MI = mutual information between the `{group}` of a token's sample and its expert choice, "
+                     "against the 95th percentile of shuffled labels." if group else ""), "",
+                  "| tower | block | load per expert | top-1 share | load CV |" + (" MI bits (null p95) |" if group else ""),
+                  "|---|---|---|---|---|" + ("---|" if group else "")]
         for u in usage:
+            mi = f" {u['mi_bits']:.4f} ({u['mi_null_p95_bits'] or 0:.4f}) |" if "mi_bits" in u else ""
             lines.append(f"| {u['tower']} | {u['block']} | {' / '.join(f'{x:.2f}' for x in u['load'])} | "
-                         f"{' / '.join(f'{x:.2f}' for x in u['top1'])} | {u['load_cv']:.3f} |")
-    lines += ["", "## Budgets and timings", "", f"samples: {report.get('budgets', {})}",
-              f"seconds: {report.get('timings', {})}", ""]
+                         f"{' / '.join(f'{x:.2f}' for x in u['top1'])} | {u['load_cv']:.3f} |{mi}")
+        for name, path in report.get("expert_pictures", {}).items():
+            lines.append(f"\n![{name}]({path})")
+    lines += ["", "## Budgets (training samples) and timings (seconds, when each step ran)", "",
+              "| item | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in {**report.get("budgets", {}), **report.get("timings", {})}.items()]
+    lines.append("")
     return "\n".join(lines)
 
 
