@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from moeclip.distributed import ANCHOR, CLIENT_KEY, DS_DIR
-from moeclip.loader import load_model_dir, save_model_dir
+from moeclip.loader import load_model_dir, load_state_strict, save_model_dir
 
 MAIN_FILE = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
@@ -93,20 +93,7 @@ def consolidate(ckpt: str | Path, out_dir: str | Path, like: str | Path | None =
     folder = find_checkpoint(ckpt)
     state, meta = read_checkpoint(folder)
     model = _skeleton(meta, like, folder)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        what = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
-        raise ValueError(f"{folder}: weights do not match the architecture ({what}; {len(missing)} missing, "
-                         f"{len(unexpected)} unexpected)")
-    for key, value in state.items():
-        if value.shape != own[key].shape:
-            if value.numel() != own[key].numel():  # 1-element stand-ins of 0-dim parameters are fine
-                raise ValueError(f"{folder}: '{key}' has shape {tuple(value.shape)}, "
-                                 f"the architecture expects {tuple(own[key].shape)}")
-            state[key] = value.reshape(own[key].shape)
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    load_state_strict(model, state, folder, reshape_same_numel=True)
     return save_model_dir(model, out_dir, extra={"consolidated_from": str(folder)})
 
 

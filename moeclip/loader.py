@@ -60,7 +60,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
         from moeclip.moe import build_moe
         build_moe(model, cfg["moe"])
     state = io.load_tensors(path / "model.safetensors")
-    _load_strict(model, state, path / "model.safetensors")
+    load_state_strict(model, state, path / "model.safetensors")
     model.moeclip_dir_config = cfg
     return model.to(device)
 
@@ -81,15 +81,23 @@ def save_model_dir(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str
     return out
 
 
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path | str,
+                      reshape_same_numel: bool = False) -> None:
+    """Load every key or fail naming the first mismatch. `reshape_same_numel` accepts 1-element
+    stand-ins of 0-dim parameters (DeepSpeed cannot broadcast a 0-dim `logit_scale`)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         what = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
-        raise ValueError(f"{where}: weights do not match config.json ({what}; {len(missing)} missing, "
-                         f"{len(unexpected)} unexpected). Was the file written for another architecture?")
+        raise ValueError(f"{where}: weights do not match the architecture ({what}; {len(missing)} missing, "
+                         f"{len(unexpected)} unexpected). Were they written for another architecture?")
+    state = dict(state)
     for k, v in state.items():
         if own[k].shape != v.shape:
-            raise ValueError(f"{where}: '{k}' has shape {tuple(v.shape)}, config.json expects {tuple(own[k].shape)}")
-    model.load_state_dict(state, strict=True)
+            if reshape_same_numel and v.numel() == own[k].numel():
+                state[k] = v.reshape(own[k].shape)
+                continue
+            raise ValueError(f"{where}: '{k}' has shape {tuple(v.shape)}, the architecture expects "
+                             f"{tuple(own[k].shape)}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
