@@ -30,6 +30,49 @@ def table(reports: list[dict]) -> str:
         cells = [_cell([r["models"][m][k] for r in reports]) for k in KEYS]
         cells += [_cell([r["models"][m]["factors"][f] for r in reports]) for f in factors]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + _target(reports) + _diagnostics(reports)
+
+
+def _ms(v: list[float]) -> str:
+    return f"{statistics.mean(v):+.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:+.1f}"
+
+
+def _target(reports: list[dict]) -> str:
+    """Issue 9's target per seed: DMU >= best baseline + 2 points, and >= 25% of the base's error removed."""
+    rows = []
+    for name in ("dmu", "dmu_router_experts"):
+        if not all(name in r["models"] for r in reports):
+            continue
+        margin, removed = [], []
+        for r in reports:
+            m = {k: 100 * v["mean_R@1"] for k, v in r["models"].items()}
+            best = max(m[b] for b in ("dense_ft", "upcycle") if b in m)
+            margin.append(m[name] - best)
+            removed.append(100 * (m[name] - m["base"]) / (100 - m["base"]))
+        met = sum(a >= 2 and b >= 25 for a, b in zip(margin, removed))
+        rows.append(f"| {name} | {_ms(margin)} | {_ms(removed)} | {met} of {len(reports)} |")
+    if not rows:
+        return ""
+    return ("\n| model | mean R@1 - best of {dense_ft, upcycle} (target >= +2) | % of base error removed "
+            "(target >= 25) | seeds meeting both |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+def _diagnostics(reports: list[dict]) -> str:
+    """Group counts per stage and how far apart the experts are: the ways DMU fails quietly."""
+    if not all("mcl" in r and "expert_distance" in r for r in reports):
+        return ""
+    lines = ["", "| stage | accumulated groups | groups after merging | distance to base (rel. L2) |", "|---|---|---|---|"]
+    for s in range(len(reports[0]["mcl"])):
+        acc = [r["mcl"][s]["num_accumulated"] for r in reports]
+        grp = [r["mcl"][s]["num_groups"] for r in reports]
+        dist = [r["expert_distance"][s + 1][0] for r in reports]
+        lines.append(f"| {s + 1} | {' / '.join(map(str, acc))} | {' / '.join(map(str, grp))} | "
+                     f"{' / '.join(f'{d:.4f}' for d in dist)} |")
+    pair = [min(r["expert_distance"][a][b] for a in range(1, len(r["expert_distance"]))
+                for b in range(1, len(r["expert_distance"])) if a != b) for r in reports
+            if len(r["expert_distance"]) > 2]
+    if pair:
+        lines.append(f"\nClosest pair of MCL experts (rel. L2), per seed: {' / '.join(f'{d:.4f}' for d in pair)}")
     return "\n".join(lines) + "\n"
 
 

@@ -52,6 +52,11 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e}); delete or fix the file") from None
 
 
+def json_roundtrip(obj: Any) -> Any:
+    """`obj` as it will read back from JSON (tuples become lists), for comparing with a stored file."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -22,7 +22,8 @@ from moeclip import io
 from moeclip.data.dataset import CaptionDataset
 from moeclip.mcl.cluster import alignment, cluster_stage, group_sizes
 from moeclip.mcl.embed import embed_corpus
-from moeclip.model.ffn import ffn_distance, ffn_param_names, ffn_state_dict, load_ffn_state_dict
+from moeclip.config import ConfigError
+from moeclip.model.ffn import ffn_digest, ffn_distance, ffn_param_names, ffn_state_dict, load_ffn_state_dict
 from moeclip.train.loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: 
     out = Path(out_dir)
     names = ffn_param_names(base, cfg.towers, cfg.blocks)
     experts = [ffn_state_dict(base, cfg.towers, cfg.blocks)]
+    _check_same_settings(out, cfg, seed, experts[0], len(dataset), accelerator)
     previous_groups = None
     for s in range(1, cfg.num_experts):
         sdir = out / f"stage_{s}"
@@ -91,6 +93,39 @@ def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: 
         log.info("MCL stage %d: %d groups (sizes %s...), distance to earlier experts %s", s,
                  clusters["num_groups"], clusters["group_sizes"][:5], summary["distance_to_experts"])
     return experts
+
+
+# settings that do not change what a stage computes (num_experts only decides how many stages run)
+_RESUME_IGNORES = {"num_experts", "embed_batch", "train.ckpt_every", "train.log_every", "train.num_workers",
+                   "train.stop_at"}
+
+
+def _check_same_settings(out: Path, cfg: MCLConfig, seed: int, base_ffn: dict, samples: int,
+                         accelerator: Accelerator) -> None:
+    """Resume only stages the same settings made: otherwise a re-run with a changed config would silently
+    mix stale experts into the new model. More or fewer stages (num_experts) may reuse the same directory."""
+    flat = {f"config.{k}": v for k, v in _flatten(asdict(cfg)).items() if k not in _RESUME_IGNORES}
+    want = io.json_roundtrip({"seed": seed, "samples": samples, "base_ffn": ffn_digest(base_ffn), **flat})
+    path = out / "settings.json"
+    if path.exists():
+        have = io.read_json(path)
+        for key in sorted(set(have) | set(want)):
+            if have.get(key) != want.get(key):
+                raise ConfigError(f"{out} holds MCL stages made with {key}={have.get(key)!r}, but this run has "
+                                  f"{want.get(key)!r}; use a new output_dir= (or delete {out}) to start over")
+    elif accelerator.is_main_process:
+        io.write_json(path, want)
+    accelerator.wait_for_everyone()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _cluster(base: nn.Module, prev_ffn: dict, dataset: CaptionDataset, tokenizer: Callable, cfg: MCLConfig,

@@ -83,3 +83,13 @@ def ffn_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     num = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in b)
     den = sum(float(b[k].float().pow(2).sum()) for k in b)
     return (num / max(den, 1e-30)) ** 0.5
+
+
+def ffn_digest(ffn: dict[str, torch.Tensor]) -> str:
+    """A content hash, so a resumed run can tell whether its stages came from the same base weights."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(ffn):
+        h.update(name.encode())
+        h.update(ffn[name].detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,10 +1,14 @@
 """An MCL stage trains the FFNs and nothing else, from one group per batch."""
 import copy
+import dataclasses
+
+import pytest
 
 import numpy as np
 import torch
 
 from moeclip import load
+from moeclip.config import ConfigError
 from moeclip.data.dataset import CaptionDataset
 from moeclip.mcl.embed import embed_corpus
 from moeclip.mcl.stages import MCLConfig, run_mcl
@@ -37,6 +41,15 @@ def test_only_ffn_changes_and_stages_differ(micro_dir, corpus, tmp_path):
     # re-running is a no-op that returns the same experts
     again = run_mcl(base, ds, tok, cfg, tmp_path / "mcl", make_accelerator(), seed=0)
     assert all(ffn_distance(a, b) == 0 for a, b in zip(again, experts))
+    # fewer stages reuse the same directory (the expert-count ablation); changed settings are refused
+    fewer = run_mcl(base, ds, tok, dataclasses.replace(cfg, num_experts=2), tmp_path / "mcl", make_accelerator(), seed=0)
+    assert len(fewer) == 2 and ffn_distance(fewer[1], experts[1]) == 0
+    changed = copy.deepcopy(cfg)
+    changed.train.lr = 1e-3
+    with pytest.raises(ConfigError, match="config.train.lr"):
+        run_mcl(base, ds, tok, changed, tmp_path / "mcl", make_accelerator(), seed=0)
+    with pytest.raises(ConfigError, match="seed"):
+        run_mcl(base, ds, tok, cfg, tmp_path / "mcl", make_accelerator(), seed=1)
 
 
 def test_frozen_weights_bit_identical(micro_dir, corpus, tmp_path):
