@@ -61,6 +61,9 @@ class BaselinesConfig:
 class DMUConfig:
     base: str = "checkpoints/base-tiny"
     output_dir: str = "runs/dmu"
+    # where the MCL stages live (None = OUTPUT_DIR/mcl); point at another run's stages to ablate what comes
+    # after them (experts, top-k, router training) without re-training them: settings must match (checked)
+    mcl_dir: str | None = None
     seed: int = 0
     eval_batch: int = 256
     # expert analysis of the final model (`moeclip experts`); "auto" groups by the base's weakest factor
@@ -87,7 +90,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
     evals = _Evaluator(out / "evals", preprocess, tokenizer, cfg, main)
 
-    experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, out / "mcl", accelerator, cfg.seed, factor_columns)
+    mcl_dir = Path(cfg.mcl_dir) if cfg.mcl_dir else out / "mcl"
+    experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, mcl_dir, accelerator, cfg.seed, factor_columns)
 
     evals("base", lambda: base)
     for s in range(1, len(experts)):
@@ -135,8 +139,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         report = {
             "models": evals.results,
             "config": to_dict(cfg),
-            "timings": _timings(out, len(experts), started),
-            "mcl": [io.read_json(out / "mcl" / f"stage_{s}" / "stage.json")["clusters"]
+            "timings": _timings(out, mcl_dir, len(experts), started),
+            "mcl": [io.read_json(mcl_dir / f"stage_{s}" / "stage.json")["clusters"]
                     for s in range(1, len(experts))],
             "expert_distance": [[round(ffn_distance(a, b), 5) for b in experts] for a in experts],
             "budgets": {"router_ft_samples": ft["samples"],
@@ -152,12 +156,12 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     return report
 
 
-def _timings(out: Path, num_experts: int, started: float) -> dict[str, float]:
+def _timings(out: Path, mcl_dir: Path, num_experts: int, started: float) -> dict[str, float]:
     """Seconds each step took when it ran, read from the files that mark it done (so a resumed run
     reports the real durations), plus this invocation's wall time."""
     t: dict[str, float] = {}
     for s in range(1, num_experts):
-        sec = io.read_json(out / "mcl" / f"stage_{s}" / "stage.json")["seconds"]
+        sec = io.read_json(mcl_dir / f"stage_{s}" / "stage.json")["seconds"]
         t[f"mcl_stage_{s}_embed_cluster"] = sec["embed_and_cluster"]
         t[f"mcl_stage_{s}_train"] = sec["train"]
     for name, cfg_path in (("router_ft", out / "model"), ("dmu_router_experts", out / "ablations" / "dmu_router_experts"

@@ -42,3 +42,17 @@ def test_dmu_smoke_end_to_end(tmp_path):
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "report.json").read_text())["models"]["dmu"] == report["models"]["dmu"]
+    # an ablation reuses the run's stages (fewer experts, top-1) without re-training them
+    abl = tmp_path / "abl"
+    ab = subprocess.run([*cmd, f"output_dir={abl}", f"mcl_dir={out / 'mcl'}", "mcl.num_experts=2", "upcycle.top_k=1",
+                         "baselines.upcycle=false", "baselines.dense_ft=false", "baselines.dmu_router_experts=false"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert ab.returncode == 0, ab.stderr[-3000:]
+    rep = json.loads((abl / "report.json").read_text())
+    assert set(rep["models"]) == {"base", "mcl_stage_1", "dmu"} and not (abl / "mcl").exists()
+    assert rep["models"]["mcl_stage_1"] == report["models"]["mcl_stage_1"]
+    assert json.loads((abl / "model" / "config.json").read_text())["moe"]["top_k"] == 1
+    # stages made with other settings are refused, naming the setting
+    bad = subprocess.run([*cmd, f"output_dir={tmp_path / 'bad'}", f"mcl_dir={out / 'mcl'}", "mcl.train.lr=0.5"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "config.train.lr" in bad.stderr, bad.stderr[-2000:]
