@@ -85,9 +85,13 @@ class CaptionDataset(torch.utils.data.Dataset):
     """One item per (image, caption) row; several rows may share an image."""
 
     def __init__(self, table: str | Path, transform: Callable | None = None, img_key: str = "filepath",
-                 caption_key: str = "title", max_caption_chars: int = 1000) -> None:
+                 caption_key: str = "title", max_caption_chars: int = 1000, cache_mb: float = 0) -> None:
         self.table = Path(table)
         self.transform = transform
+        # DMU reads the same corpus in every stage and baseline: keep transformed images in memory (up to
+        # cache_mb; per process, so per DataLoader worker) instead of decoding them again each time
+        self._cache: dict[str, Any] = {}
+        self._cache_room = int(cache_mb * 2**20) if transform is not None else 0
         self.skips = SkipLog()
         root = self.table.parent
         self.rows: list[dict[str, str]] = []
@@ -135,12 +139,20 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[i]
         item = {"index": i, "caption": row["_caption"], "ok": True}
+        cached = self._cache.get(row["_path"])
+        if cached is not None:
+            item["image"] = cached
+            return item
         try:
             img = load_image(row["_path"])
         except Exception as e:  # any unreadable image is a skip, never a crash
             item.update(ok=False, reason=_reason(e), where=f"{self.table}:{row['_line']} ({row['_path']})")
             return item
         item["image"] = self.transform(img) if self.transform else img
+        size = item["image"].nbytes if isinstance(item["image"], torch.Tensor) else None
+        if size is not None and size <= self._cache_room:
+            self._cache[row["_path"]] = item["image"]
+            self._cache_room -= size
         return item
 
 

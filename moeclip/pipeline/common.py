@@ -26,6 +26,7 @@ class SynthConfig:
 class DataConfig:
     train: str = "data/synth/train.csv"
     val: str = "data/synth/val.csv"
+    cache_mb: float = 1024  # transformed training images kept in memory per process (0 = decode every time)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 

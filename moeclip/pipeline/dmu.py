@@ -85,7 +85,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     torch.manual_seed(cfg.seed)
     base, preprocess, tokenizer = load(cfg.base)
-    train_ds = CaptionDataset(cfg.data.train, preprocess)
+    train_ds = CaptionDataset(cfg.data.train, preprocess, cache_mb=cfg.data.cache_mb)
     factors = find_factors(cfg.data.train)
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
     evals = _Evaluator(out / "evals", preprocess, tokenizer, cfg, main)

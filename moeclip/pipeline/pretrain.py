@@ -37,7 +37,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     model = build_dense(cfg.arch)
     preprocess, tokenizer = preprocess_for(model), tokenizer_for(cfg.arch, model.moeclip_arch["model_cfg"])
     out = Path(cfg.output_dir)
-    ds = CaptionDataset(cfg.data.train, preprocess)
+    ds = CaptionDataset(cfg.data.train, preprocess, cache_mb=cfg.data.cache_mb)
     cfg.train.seed = cfg.seed
     result = train(model, ds, tokenizer, cfg.train, out / "train", accelerator,
                    trainable=[n for n, _ in model.named_parameters()], desc="pretrain")

@@ -7,6 +7,7 @@ the accelerator, because like the process count it is a property of the launch, 
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -18,11 +19,16 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class DistributedConfig:
-    """`distributed:` in a recipe YAML. Only read under a DeepSpeed launch (docs/distributed.md)."""
-    ep_size: int | None = None  # processes that share one copy of the experts; None = as many as possible
+    """`distributed:` in a recipe YAML (docs/distributed.md)."""
+    ep_size: int | None = None  # DeepSpeed launches: processes that share one copy of the experts; None = max
+    # torch threads per process on CPU. None = this machine's cores / local processes: `accelerate launch`
+    # pins every process to OMP_NUM_THREADS (1 unless set), which leaves all other cores idle
+    cpu_threads: int | None = None
 
 
 def make_accelerator(distributed: DistributedConfig | None = None, **kwargs: Any) -> Accelerator:
@@ -34,7 +40,18 @@ def make_accelerator(distributed: DistributedConfig | None = None, **kwargs: Any
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
     accelerator.moeclip_distributed = distributed or DistributedConfig()
+    if accelerator.device.type == "cpu":
+        threads = accelerator.moeclip_distributed.cpu_threads or cpu_threads_per_process()
+        if threads != torch.get_num_threads():
+            log.info("torch threads per process: %d (was %d; distributed.cpu_threads sets it)", threads,
+                     torch.get_num_threads())
+            torch.set_num_threads(threads)
     return accelerator
+
+
+def cpu_threads_per_process() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def distributed_config(accelerator: Accelerator) -> DistributedConfig:

@@ -61,3 +61,25 @@ def test_tsv(corpus, tmp_path):
     root = corpus["val"].parent
     p.write_text("filepath\ttitle\n" + "\n".join(f"{root / r.split(',')[0]}\t{r.split(',')[1]}" for r in rows[1:]))
     assert len(CaptionDataset(p)) == 2
+
+
+def test_image_cache_serves_the_same_tensors_within_its_budget(corpus, tmp_path):
+    import shutil
+
+    import torch
+    from torchvision import transforms
+    root = corpus["val"].parent
+    for i in range(3):
+        shutil.copy(root / "images" / "val" / f"00000{i}.png", tmp_path / f"{i}.png")
+    (tmp_path / "t.csv").write_text("filepath,title\n0.png,a\n1.png,b\n2.png,c\n0.png,d\n")
+    tf = transforms.ToTensor()
+    one = tf(CaptionDataset(tmp_path / "t.csv")[0]["image"]).nbytes
+    ds = CaptionDataset(tmp_path / "t.csv", tf, cache_mb=2.5 * one / 2**20)  # room for two images
+    first = [ds[i]["image"] for i in range(4)]
+    for i in range(3):
+        (tmp_path / f"{i}.png").unlink()
+    again = [ds[i] for i in range(4)]
+    # images 0 and 1 come from memory (0 also for the row that repeats it); 2 did not fit and is read again
+    assert torch.equal(again[0]["image"], first[0]) and torch.equal(again[3]["image"], first[0])
+    assert torch.equal(again[1]["image"], first[1])
+    assert not again[2]["ok"] and "image" not in again[2]
