@@ -88,10 +88,7 @@ class CaptionDataset(torch.utils.data.Dataset):
                  caption_key: str = "title", max_caption_chars: int = 1000, cache_mb: float = 0) -> None:
         self.table = Path(table)
         self.transform = transform
-        # DMU reads the same corpus in every stage and baseline: keep transformed images in memory (up to
-        # cache_mb; per process, so per DataLoader worker) instead of decoding them again each time
-        self._cache: dict[str, Any] = {}
-        self._cache_room = int(cache_mb * 2**20) if transform is not None else 0
+        self.set_cache(cache_mb)
         self.skips = SkipLog()
         root = self.table.parent
         self.rows: list[dict[str, str]] = []
@@ -126,6 +123,12 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def set_cache(self, cache_mb: float) -> None:
+        """DMU reads the same corpus in every stage and baseline: keep transformed images in memory (up to
+        cache_mb; per process, so per DataLoader worker) instead of decoding them again each time."""
+        self._cache: dict[str, Any] = {}
+        self._cache_room = int(cache_mb * 2**20) if self.transform is not None else 0
 
     @property
     def captions(self) -> list[str]:

@@ -88,6 +88,7 @@ class KarpathyDataset(CaptionDataset):
         # CaptionDataset.__init__ parses a CSV; set the same attributes from the JSON instead.
         self.table = Path(path)
         self.transform = transform
+        self.set_cache(0)
         self.skips = SkipLog()
         self.split = split
         self.rows = read_karpathy(path, split, image_root, self.skips)
