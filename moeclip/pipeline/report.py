@@ -82,8 +82,9 @@ def verdict(models: dict[str, Any]) -> list[str]:
         out.append(f"- DMU mean R@1 is {abs(delta):.1f} points {word} `{other}`{flag}.")
     base = models["base"]["mean_R@1"]
     if base < 1:
-        out.append(f"- DMU removes {100 * (d - base) / (1 - base):.0f}% of the base's R@1 error "
-                   "(negative: it adds error).")
+        removed = 100 * (d - base) / (1 - base)
+        note = " (negative: it adds error)." if removed < 0 else " (the target is 25%)."
+        out.append(f"- DMU removes {removed:.0f}% of the base's R@1 error{note}")
     out.append(f"- One seed, {n} validation images: differences under ~{noise:.1f} points (2 standard errors) "
                "are within noise.")
     return out
