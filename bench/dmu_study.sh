@@ -1,0 +1,53 @@
+#!/bin/bash
+# The runs behind docs/results.md: the default recipe on two corpora x 3 seeds, the expert-count and top-k
+# ablations (on each default-corpus seed's own MCL stages), and the published recipe. Every run resumes, so
+# re-running skips what is done. Each full run takes ~17 min on 2 CPU cores; run one at a time (on this machine
+# two runs side by side go no faster than one after the other).
+#
+#   bash bench/dmu_study.sh [default|muted|ablations|published|tables]...   (no argument: all of them)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/dmu.py"
+MUTED="base=runs/base-muted/model data.train=data/synth_muted/train.csv data.val=data/synth_muted/val.csv
+       data.synth.out=data/synth_muted data.synth.preset=muted"
+NO_BASELINES="baselines.upcycle=false baselines.dense_ft=false baselines.dmu_router_experts=false"
+
+default() {  # seed 0 is the README's command: output_dir runs/dmu
+  for s in 0 1 2; do
+    out=runs/dmu; [ "$s" = 0 ] || out=runs/dmu_s$s
+    $LAUNCH output_dir=$out seed=$s
+  done
+}
+
+muted() {  # a base pre-trained on the muted corpus (colour washed out, patterns bold), then DMU on it
+  [ -f runs/base-muted/model/config.json ] || python recipes/pretrain.py output_dir=runs/base-muted \
+    data.synth.out=data/synth_muted data.synth.preset=muted data.train=data/synth_muted/train.csv \
+    data.val=data/synth_muted/val.csv
+  for s in 0 1 2; do $LAUNCH $MUTED output_dir=runs/muted_s$s seed=$s; done
+}
+
+ablations() {  # DMU on the first 1 or 2 MCL stages (2 or 3 experts), and top-1 routing, per default seed
+  for s in 0 1 2; do
+    run=runs/dmu; [ "$s" = 0 ] || run=runs/dmu_s$s
+    [ -f $run/report.json ] || continue
+    for e in 2 3; do $LAUNCH output_dir=runs/abl/e${e}_s$s mcl_dir=$run/mcl mcl.num_experts=$e seed=$s $NO_BASELINES; done
+    $LAUNCH output_dir=runs/abl/top1_s$s mcl_dir=$run/mcl upcycle.top_k=1 seed=$s $NO_BASELINES
+  done
+}
+
+published() { $LAUNCH --config recipes/configs/published.yaml; }
+
+tables() {
+  mkdir -p runs/tables
+  agg() { local name=$1; shift; local have=(); for f in "$@"; do [ -f "$f" ] && have+=("$f"); done
+          [ ${#have[@]} -gt 0 ] && python bench/aggregate_reports.py "${have[@]}" --out runs/tables/$name.md > /dev/null
+          echo "runs/tables/$name.md (${#have[@]} report(s))"; }
+  agg default runs/dmu/report.json runs/dmu_s1/report.json runs/dmu_s2/report.json
+  agg muted runs/muted_s{0,1,2}/report.json
+  for a in e2 e3 top1; do agg abl_$a runs/abl/${a}_s{0,1,2}/report.json; done
+  agg published runs/dmu_published/report.json
+}
+
+for step in "${@:-default muted ablations published tables}"; do
+  for s in $step; do "$s"; done
+done
