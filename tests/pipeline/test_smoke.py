@@ -55,4 +55,4 @@ def test_dmu_smoke_end_to_end(tmp_path):
     # stages made with other settings are refused, naming the setting
     bad = subprocess.run([*cmd, f"output_dir={tmp_path / 'bad'}", f"mcl_dir={out / 'mcl'}", "mcl.train.lr=0.5"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "config.train.lr" in bad.stderr, bad.stderr[-2000:]
+    assert bad.returncode != 0 and "config.train.lr" in bad.stderr, bad.stderr[-2000:]  # accelerate exits 1
