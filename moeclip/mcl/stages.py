@@ -112,7 +112,8 @@ def _check_same_settings(out: Path, cfg: MCLConfig, seed: int, base_ffn: dict, s
         for key in sorted(set(have) | set(want)):
             if have.get(key) != want.get(key):
                 raise ConfigError(f"{out} holds MCL stages made with {key}={have.get(key)!r}, but this run has "
-                                  f"{want.get(key)!r}; use a new output_dir= or mcl_dir= (or delete {out}) to start over")
+                                  f"{want.get(key)!r}; use a new output_dir= or mcl_dir= (or delete {out}) "
+                                  "to start over")
     elif accelerator.is_main_process:
         io.write_json(path, want)
     accelerator.wait_for_everyone()
