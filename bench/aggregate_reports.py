@@ -73,6 +73,14 @@ def _diagnostics(reports: list[dict]) -> str:
             if len(r["expert_distance"]) > 2]
     if pair:
         lines.append(f"\nClosest pair of MCL experts (rel. L2), per seed: {' / '.join(f'{d:.4f}' for d in pair)}")
+    usage = [r["expert_usage"] for r in reports if r.get("expert_usage")]
+    if usage:
+        cv = [statistics.mean(u["load_cv"] for u in us) for us in usage]
+        above = [sum(u["mi_bits"] > u["mi_null_p95_bits"] for u in us) for us in usage]
+        mi = [statistics.mean(u["mi_bits"] for u in us) for us in usage]
+        lines.append(f"Router of the DMU model, per seed: mean load CV {' / '.join(f'{c:.3f}' for c in cv)}; "
+                     f"mean MI(expert; {reports[0].get('expert_group_by')}) {' / '.join(f'{m:.4f}' for m in mi)} bits, "
+                     f"above the shuffled-label p95 in {' / '.join(map(str, above))} of {len(usage[0])} layers")
     return "\n".join(lines) + "\n"
 
 
