@@ -4,7 +4,7 @@
 # re-running skips what is done. Each full run takes ~17 min on 2 CPU cores; run one at a time (on this machine
 # two runs side by side go no faster than one after the other).
 #
-#   bash bench/dmu_study.sh [default|muted|ablations|published|tables]...   (no argument: all of them)
+#   bash bench/dmu_study.sh [default|muted|ablations|variants|published|tables]...   (no argument: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/dmu.py"
@@ -35,6 +35,10 @@ ablations() {  # DMU on the first 1 or 2 MCL stages (2 or 3 experts), and top-1 
   done
 }
 
+variants() {  # MCL variants on seed 0, DMU only (the baselines do not depend on these switches)
+  $LAUNCH output_dir=runs/var/start_prev_s0 mcl.start_from=previous seed=0 $NO_BASELINES
+}
+
 published() { $LAUNCH --config recipes/configs/published.yaml; }
 
 tables() {
@@ -46,8 +50,9 @@ tables() {
   agg muted runs/muted_s{0,1,2}/report.json
   for a in e2 e3 top1; do agg abl_$a runs/abl/${a}_s{0,1,2}/report.json; done
   agg published runs/dmu_published/report.json
+  agg start_prev runs/var/start_prev_s0/report.json
 }
 
-for step in "${@:-default muted ablations published tables}"; do
+for step in "${@:-default muted ablations variants published tables}"; do
   for s in $step; do "$s"; done
 done
