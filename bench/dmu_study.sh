@@ -35,8 +35,8 @@ ablations() {  # DMU on the first 1 or 2 MCL stages (2 or 3 experts), and top-1 
   done
 }
 
-variants() {  # MCL variants on seed 0, DMU only (the baselines do not depend on these switches)
-  $LAUNCH output_dir=runs/var/start_prev_s0 mcl.start_from=previous seed=0 $NO_BASELINES
+variants() {  # MCL variants on seeds 0 and 1, DMU only (the baselines do not depend on these switches)
+  for s in 0 1; do $LAUNCH output_dir=runs/var/start_prev_s$s mcl.start_from=previous seed=$s $NO_BASELINES; done
 }
 
 published() { $LAUNCH --config recipes/configs/published.yaml; }
