@@ -50,7 +50,7 @@ tables() {
   agg muted runs/muted_s{0,1,2}/report.json
   for a in e2 e3 top1; do agg abl_$a runs/abl/${a}_s{0,1,2}/report.json; done
   agg published runs/dmu_published/report.json
-  agg start_prev runs/var/start_prev_s0/report.json
+  agg start_prev runs/var/start_prev_s0/report.json runs/var/start_prev_s1/report.json
 }
 
 for step in "${@:-default muted ablations variants published tables}"; do
