@@ -159,6 +159,26 @@ def dense_mlp(d_model: int, hidden: int):
                                       ("c_proj", nn.Linear(hidden, d_model))]))
 
 
+def perturbed_moe(tokens: int, d: int, experts: int, top_k: int, profile: list[float], seed: int = 0):
+    """A dense FFN, its MoE with experts = perturbed copies (as after DMU), and tokens x whose routing
+    through that MoE hits `profile`: the one set-up the layer and expert-parallel benchmarks share."""
+    import torch
+
+    from moeclip.moe import MoEFFN
+
+    torch.manual_seed(seed)
+    mlp = dense_mlp(d, 4 * d)
+    moe = MoEFFN.from_dense(mlp, experts, top_k)
+    with torch.no_grad():
+        for expert in moe.experts:
+            for p in expert.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    x, w, _ = routed_tokens(tokens, d, experts, top_k, profile, seed)
+    with torch.no_grad():
+        moe.router.proj.weight.copy_(w)
+    return mlp, moe, x
+
+
 # The trained DMU model's routing (runs/dmu/model, 256 val images + captions, measured 2026-11-22):
 # per-layer expert loads sorted high to low, averaged over its 8 MoE layers, and its most skewed layer.
 # bench/moe_layer.py re-measures them when that model exists.

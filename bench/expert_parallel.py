@@ -25,7 +25,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, loadavg, peak_rss_mb, profile_for, read_json, routed_tokens, write_json  # noqa: E402
+from common import REPO, loadavg, peak_rss_mb, profile_for, read_json, write_json  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -37,9 +37,8 @@ def worker(args: argparse.Namespace) -> None:
     from deepspeed.moe.sharded_moe import _AllToAll
     from deepspeed.utils import logger as ds_logger
 
-    from common import dense_mlp
+    from common import perturbed_moe
     from moeclip.distributed.expert_parallel import ExpertParallelMoEFFN
-    from moeclip.moe import MoEFFN
     from moeclip.train.dist import finish
 
     ds_logger.setLevel(logging.ERROR)
@@ -52,16 +51,7 @@ def worker(args: argparse.Namespace) -> None:
     rows = []
     for tokens, d, prof_name in configs:
         experts, top_k = 4, 2
-        torch.manual_seed(0)
-        mlp = dense_mlp(d, 4 * d)
-        layer = MoEFFN.from_dense(mlp, experts, top_k)
-        with torch.no_grad():
-            for expert in layer.experts:
-                for p in expert.parameters():
-                    p.add_(0.01 * torch.randn_like(p))
-        x_all, w, _ = routed_tokens(tokens, d, experts, top_k, profile_for(prof_name, experts, profiles), 0)
-        with torch.no_grad():
-            layer.router.proj.weight.copy_(w)
+        _, layer, x_all = perturbed_moe(tokens, d, experts, top_k, profile_for(prof_name, experts, profiles), 0)
         per_rank = tokens // world
         x = x_all[rank * per_rank:(rank + 1) * per_rank].clone().requires_grad_()
         grad = torch.randn(per_rank, d, generator=torch.Generator().manual_seed(1 + rank))

@@ -26,8 +26,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, RECORDED_PROFILES, Timer, best, dense_mlp, fwd_bwd_step, loadavg,  # noqa: E402
-                    one_thread, paired_ratio, profile_for, read_json, round_robin, routed_tokens, write_json)
+from common import (REPO, RECORDED_PROFILES, Timer, best, fwd_bwd_step, loadavg, one_thread,  # noqa: E402
+                    paired_ratio, perturbed_moe, profile_for, read_json, round_robin, write_json)
 
 import torch  # noqa: E402
 
@@ -74,16 +74,7 @@ def deepspeed_dropless(layer: MoEFFN):
 def build_case(tokens: int, d: int, experts: int, top_k: int, dtype: str, profile: list[float], seed: int = 0,
                with_deepspeed: bool = True) -> dict:
     """Dense FFN, MoE (experts = perturbed copies, as after DMU), tokens routed to `profile`."""
-    torch.manual_seed(seed)
-    mlp = dense_mlp(d, 4 * d)
-    moe = MoEFFN.from_dense(mlp, experts, top_k)
-    with torch.no_grad():
-        for expert in moe.experts:
-            for p in expert.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-    x, w, _ = routed_tokens(tokens, d, experts, top_k, profile, seed)
-    with torch.no_grad():
-        moe.router.proj.weight.copy_(w)
+    mlp, moe, x = perturbed_moe(tokens, d, experts, top_k, profile, seed)
     dt = DTYPES[dtype]
     mlp.to(dt)
     moe.to(dt)
