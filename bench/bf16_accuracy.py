@@ -123,6 +123,7 @@ def retrieval(rows: int | None) -> dict:
         moe_name = "base-tiny upcycled, 4 perturbed experts, top-2"
     out = {"models": {}}
     from moeclip.data.dataset import CaptionDataset
+    from moeclip.runtime import Runtime
 
     with tempfile.TemporaryDirectory() as tmp:
         table = val_subset(rows, Path(tmp))
@@ -139,7 +140,8 @@ def retrieval(rows: int | None) -> dict:
             for mode in ("fp32", "autocast bf16"):
                 ctx = torch.autocast(DEVICE, dtype=torch.bfloat16) if mode != "fp32" else contextlib.nullcontext()
                 with ctx, Timer() as t:
-                    m = evaluate(model, preprocess, tokenizer, table, batch_size=256, device=DEVICE, progress=False)
+                    m = evaluate(model, preprocess, tokenizer, table, batch_size=256, progress=False,
+                                 runtime=Runtime.local(DEVICE, "bf16" if mode != "fp32" else "no"))
                 res[mode] = {"mean_R@1": m["mean_R@1"], "image_to_text_R@1": m["image_to_text_R@1"],
                              "text_to_image_R@1": m["text_to_image_R@1"], "factors": m.get("factors", {}),
                              "seconds": t.wall, "num_rows": m["num_rows"]}

@@ -89,8 +89,8 @@ def measure_small_stage() -> dict:
     """No run on disk: one MCL stage (20 steps) of the base checkpoint on a small corpus."""
     import moeclip
     from moeclip.data.dataset import CaptionDataset
-    from moeclip.mcl.stages import MCLConfig, run_mcl
-    from moeclip.train.dist import make_accelerator
+    from moeclip.train.mcl_stages import MCLConfig, run_mcl
+    from moeclip.train.dist import make_runtime
     from moeclip.train.loop import TrainConfig
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +103,7 @@ def measure_small_stage() -> dict:
         ds = CaptionDataset(table, preprocess)
         cfg = MCLConfig(num_experts=2, train=TrainConfig(steps=20, global_batch=64, lr=1e-4, warmup_steps=2,
                                                          ckpt_every=1000))
-        run_mcl(model, ds, tokenizer, cfg, Path(tmp) / "mcl", make_accelerator())
+        run_mcl(model, ds, tokenizer, cfg, Path(tmp) / "mcl", make_runtime())
         info = read_json(Path(tmp) / "mcl" / "stage_1" / "stage.json")
     return {"source": f"measured now: 1 stage, 20 steps x 64 on {table.name} ({len(ds.rows)} rows)",
             "stages": [{"stage": 1, "embed_and_cluster_s": info["seconds"]["embed_and_cluster"],

@@ -21,10 +21,12 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from moeclip import io, load
     from moeclip.eval.evaluate import evaluate, format_table
-    model, preprocess, tokenizer = load(args.model, pretrained=args.pretrained, device=args.device)
+    from moeclip.runtime import Runtime
+    runtime = Runtime.local(args.device, args.precision)
+    model, preprocess, tokenizer = load(args.model, pretrained=args.pretrained, device=runtime.device)
     metrics = evaluate(model, preprocess, tokenizer, args.data, class_column=args.class_column,
                        templates=args.template or ["a photo of a {}."], batch_size=args.batch_size,
-                       device=args.device, num_workers=args.workers, split=args.split,
+                       runtime=runtime, num_workers=args.workers, split=args.split,
                        image_root=args.image_root)
     print(format_table(metrics))
     if args.out:
@@ -69,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--workers", type=int, default=0)
-    e.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    e.add_argument("--device", default=None, help="default: the first GPU, else the CPU")
+    e.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"],
+                   help="autocast dtype; bf16 reproduces a recipe run with mixed_precision bf16 (default: none)")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="describe a model (architecture, parameters, MoE layers)")
@@ -82,14 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from moeclip.analysis.commands import add_commands as add_analysis_commands
     from moeclip.search.commands import add_commands as add_search_commands
-    add_search_commands(sub, default_device="cuda" if _cuda() else "cpu")
-    add_analysis_commands(sub, default_device="cuda" if _cuda() else "cpu")
+    add_search_commands(sub)
+    add_analysis_commands(sub)
     return p
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

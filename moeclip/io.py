@@ -70,12 +70,12 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         save_file(flat, str(tmp), metadata=meta)
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_tensors(path: str | os.PathLike, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: weights file not found")
     try:
-        return load_file(str(path), device=str(device))
+        return load_file(str(path), device=str(device) if device is not None else "cpu")  # host memory by default
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 

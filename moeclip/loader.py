@@ -21,8 +21,8 @@ FORMAT_VERSION = 1
 
 
 def load(name_or_path: str | os.PathLike, pretrained: str | None = None,
-         device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, Tokenizer]:
-    """Return (model in eval mode, preprocess, tokenizer).
+         device: str | torch.device | None = None) -> tuple[nn.Module, Callable, Tokenizer]:
+    """Return (model in eval mode, preprocess, tokenizer); `device` None leaves the weights in host memory.
 
     Accepts a moeclip model directory (dense or MoE), `ARCH:TAG` / `ARCH` + `pretrained=TAG`
     (an open_clip pretrained tag; needs the network), or `ARCH` + `pretrained=FILE`.
@@ -44,7 +44,7 @@ def load(name_or_path: str | os.PathLike, pretrained: str | None = None,
     return model, preprocess_for(model), tokenizer_for(arch_info["arch"], arch_info["model_cfg"])
 
 
-def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_model_dir(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.exists():
@@ -62,7 +62,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
     state = io.load_tensors(path / "model.safetensors")
     load_state_strict(model, state, path / "model.safetensors")
     model.moeclip_dir_config = cfg
-    return model.to(device)
+    return model.to(device) if device is not None else model
 
 
 def save_model_dir(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:

@@ -7,9 +7,11 @@ import argparse
 def cmd_experts(args: argparse.Namespace) -> None:
     from moeclip import load
     from moeclip.analysis import analyse_experts, write_expert_report
-    model, preprocess, tokenizer = load(args.model, pretrained=args.pretrained, device=args.device)
+    from moeclip.runtime import Runtime
+    runtime = Runtime.local(args.device, args.precision)
+    model, preprocess, tokenizer = load(args.model, pretrained=args.pretrained, device=runtime.device)
     result = analyse_experts(model, preprocess, tokenizer, args.data, group_by=args.group_by,
-                             max_rows=args.max_rows, batch_size=args.batch_size, device=args.device,
+                             max_rows=args.max_rows, batch_size=args.batch_size, runtime=runtime,
                              split=args.split)
     result["model"] = str(args.model)
     written = write_expert_report(result, args.out)
@@ -23,7 +25,7 @@ def cmd_experts(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(p.name for p in written.values())} to {args.out}")
 
 
-def add_commands(sub: argparse._SubParsersAction, default_device: str = "cpu") -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser("experts", help="expert usage of an MoE model on a captioned table (JSON, heatmaps, markdown)")
     x.add_argument("--model", required=True, help="moeclip MoE model directory")
     x.add_argument("--pretrained", default=None)
@@ -34,5 +36,6 @@ def add_commands(sub: argparse._SubParsersAction, default_device: str = "cpu") -
     x.add_argument("--max-rows", type=int, default=2048, help="analyse the first N rows (default 2048)")
     x.add_argument("--batch-size", type=int, default=64)
     x.add_argument("--out", required=True, help="output folder")
-    x.add_argument("--device", default=default_device)
+    x.add_argument("--device", default=None, help="default: the first GPU, else the CPU")
+    x.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype (default: none)")
     x.set_defaults(func=cmd_experts)

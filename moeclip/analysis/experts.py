@@ -21,6 +21,7 @@ from moeclip.data.dataset import CaptionDataset, Collate, DataError, record_skip
 from moeclip.model.encode import unique_first
 from moeclip.model.ffn import tower_prefix
 from moeclip.moe import moe_layers
+from moeclip.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _sample_of_token(model: nn.Module, tower: str, num_tokens: int, batch: int) 
 @torch.inference_mode()
 def analyse_experts(model: nn.Module, preprocess: Callable, tokenizer: Callable,
                     table: str | Path | CaptionDataset, group_by: str | None = None, max_rows: int = 2048,
-                    batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = True,
+                    batch_size: int = 64, runtime: Runtime | None = None, progress: bool = True,
                     null_permutations: int = 20, split: str = "test") -> dict[str, Any]:
     """Per tower x MoE layer: expert load, top-1 share, mean router probability, routing entropy, load CV,
     co-selection matrix; with `group_by`, expert share per group and MI(group; expert) against chance.
@@ -59,7 +60,8 @@ def analyse_experts(model: nn.Module, preprocess: Callable, tokenizer: Callable,
     layers = moe_layers(model)
     if not layers:
         raise ValueError("the model has no MoE layers; expert analysis needs an MoE model (see moeclip.upcycle)")
-    model = model.to(device).eval()
+    rt = runtime or Runtime.local()
+    model = model.to(rt.device).eval()
     ds = open_table(table, preprocess, split)
     rows = ds.rows[:max_rows] if max_rows else ds.rows
     if group_by is not None and group_by not in rows[0]:
@@ -81,12 +83,14 @@ def analyse_experts(model: nn.Module, preprocess: Callable, tokenizer: Callable,
                 continue
             item = torch.as_tensor(np.searchsorted(first_rows, batch["index"].numpy()))
             loaded[item.numpy()] = True
-            model.encode_image(batch["image"].to(device))
+            with rt.autocast():
+                model.encode_image(batch["image"].to(rt.device))
             _fold(model, layers, stats, "visual", item)
     if "text" in towers:
         for a in tqdm(range(0, len(rows), batch_size), desc="experts: captions", disable=not progress, leave=False):
             captions = [r["_caption"] for r in rows[a:a + batch_size]]
-            model.encode_text(tokenizer(captions).to(device))
+            with rt.autocast():
+                model.encode_text(tokenizer(captions).to(rt.device))
             _fold(model, layers, stats, "text", torch.arange(a, a + len(captions)))
 
     names, item_groups = None, {}

@@ -27,7 +27,7 @@ NO_PRETRAINED = ("", "none", "None", None)
 
 
 def load_clip(model_type: str = MODEL_TYPE, model_name: str = "", pretrained: str | None = None,
-              cache_dir: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, Callable]:
+              cache_dir: str | None = None, device: str | torch.device | None = None) -> tuple[nn.Module, Callable, Callable]:
     """CLIP_benchmark's loader contract: (model in eval mode on `device`, image transform, tokenizer).
 
     model_name: a moeclip model directory (dense or MoE), or an open_clip architecture name.

@@ -3,6 +3,7 @@ over the images (each image is encoded once)."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,7 +16,8 @@ from moeclip.data.dataset import CaptionDataset, DataError
 from moeclip.data.karpathy import KarpathyDataset, is_karpathy
 from moeclip.eval.probe import factor_probe
 from moeclip.eval.retrieval import retrieval_metrics
-from moeclip.model.encode import encode_texts, iter_image_batches, unique_first
+from moeclip.model.encode import encode_texts, sharded_image_features, sharded_text_features, unique_first
+from moeclip.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +31,17 @@ def find_factors(table: str | Path) -> dict[str, Any] | None:
 @torch.no_grad()
 def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table: str | Path,
              class_column: str | None = None, templates: Sequence[str] = ("a photo of a {}.",),
-             factors: dict[str, Any] | None = None, batch_size: int = 256, device: str | torch.device = "cpu",
+             factors: dict[str, Any] | None = None, batch_size: int = 256, runtime: Runtime | None = None,
              num_workers: int = 0, progress: bool = True, split: str = "test",
              image_root: str | Path | None = None) -> dict[str, Any]:
-    """`table`: CSV/TSV, or a Karpathy-split caption JSON (`split`, `image_root` apply to that only)."""
-    model = model.to(device).eval()
+    """`table`: CSV/TSV, or a Karpathy-split caption JSON (`split`, `image_root` apply to that only).
+
+    Collective under a multi-rank runtime: every rank encodes its share of the images and captions on its
+    device (under the runtime's autocast), the features are gathered, and every rank returns the same
+    metrics, equal to a one-process run's. `runtime` None = one process on the first accelerator.
+    """
+    rt = runtime or Runtime.local()
+    model = model.to(rt.device).eval()
     if is_karpathy(table):
         ds: CaptionDataset = KarpathyDataset(table, preprocess, split=split, image_root=image_root)
     else:
@@ -41,31 +49,29 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
     paths, first_rows, image_of_row = unique_first([r["_path"] for r in ds.rows])
     captions, _, caption_of_row = unique_first(ds.captions)
 
-    loaded_img: list[int] = []
-    feats = []
-    for idx, f in iter_image_batches(model, ds, first_rows, batch_size, device, num_workers, progress):
-        loaded_img.extend(image_of_row[idx.numpy()].tolist())
-        feats.append(f)
-    if not feats:
+    feats, loaded = sharded_image_features(model, ds, first_rows.tolist(), batch_size, rt, num_workers, progress)
+    skipped = _all_skips(rt, ds.skips.counts)
+    loaded_img = np.flatnonzero(loaded.numpy())
+    if loaded_img.size == 0:
         raise DataError(f"{table}: no image could be read ({ds.skips.summary()})")
-    image_features = torch.cat(feats)
+    image_features = feats[torch.as_tensor(loaded_img)]
     # keep only rows whose image loaded; renumber images densely
     img_new = np.full(len(paths), -1, dtype=np.int64)
-    img_new[np.asarray(loaded_img)] = np.arange(len(loaded_img))
+    img_new[loaded_img] = np.arange(len(loaded_img))
     ok = img_new[image_of_row] >= 0
-    text_features = encode_texts(model, tokenizer, captions, batch_size * 2, device)
     used_caps = np.unique(caption_of_row[ok])
+    text_features = sharded_text_features(model, tokenizer, [captions[i] for i in used_caps], batch_size * 2, rt)
     cap_new = np.full(len(captions), -1, dtype=np.int64)
     cap_new[used_caps] = np.arange(len(used_caps))
-    metrics: dict[str, Any] = retrieval_metrics(image_features, text_features[torch.as_tensor(used_caps)],
+    metrics: dict[str, Any] = retrieval_metrics(image_features, text_features,
                                                 img_new[image_of_row[ok]], cap_new[caption_of_row[ok]])
     metrics.update(num_images=int(image_features.shape[0]), num_captions=int(len(used_caps)),
-                   num_rows=int(ok.sum()), skipped=dict(ds.skips.counts))
+                   num_rows=int(ok.sum()), skipped=skipped)
 
     rows_of_image = [ds.rows[first_rows[i]] for i in loaded_img]
     if class_column:
         metrics["zeroshot"] = zero_shot(model, tokenizer, image_features,
-                                        [r[class_column] for r in rows_of_image], templates, device)
+                                        [r[class_column] for r in rows_of_image], templates, rt)
     if factors is None and not is_karpathy(table):
         factors = find_factors(table)
     if factors:
@@ -73,20 +79,28 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
         if missing:
             raise DataError(f"{table}: factors.json names factor column(s) {missing} the table lacks")
         probe = factor_probe(model, tokenizer, image_features, rows_of_image, factors["factors"],
-                             factors["template"], device)
+                             factors["template"], rt)
         metrics["factors"] = {k: v["accuracy"] for k, v in probe.items()}
         metrics["factors_chance"] = {k: v["chance"] for k, v in probe.items()}
-    if ds.skips.counts:
-        log.warning("%s: %s", table, ds.skips.summary())
+    if skipped and rt.is_main:
+        log.warning("%s: skipped %s", table, ", ".join(f"{n} {r}" for r, n in skipped.items()))
     return metrics
 
 
+def _all_skips(runtime: Runtime, counts: Counter) -> dict[str, int]:
+    """Each rank read only its share of the images: add up what every rank skipped."""
+    total: Counter = Counter()
+    for c in runtime.gather_objects(dict(counts)):
+        total.update(c)
+    return dict(sorted(total.items()))
+
+
 def zero_shot(model: nn.Module, tokenizer: Callable, image_features: torch.Tensor, labels: list[str],
-              templates: Sequence[str], device: str | torch.device = "cpu") -> dict[str, float]:
+              templates: Sequence[str], runtime: Runtime | None = None) -> dict[str, float]:
     classes = sorted(set(labels))
     weights = []
     for c in classes:
-        t = encode_texts(model, tokenizer, [tpl.format(c) for tpl in templates], device=device).mean(0)
+        t = encode_texts(model, tokenizer, [tpl.format(c) for tpl in templates], runtime=runtime).mean(0)
         weights.append(t / t.norm())
     logits = image_features @ torch.stack(weights).t()
     truth = torch.tensor([classes.index(x) for x in labels])

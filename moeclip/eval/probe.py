@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from moeclip.model.encode import encode_texts
+from moeclip.runtime import Runtime
 
 
 def factor_probe(model: nn.Module, tokenizer: Callable, image_features: torch.Tensor, rows: list[dict[str, str]],
-                 factors: dict[str, list[str]], template: str, device: str | torch.device = "cpu",
+                 factors: dict[str, list[str]], template: str, runtime: Runtime | None = None,
                  batch_size: int = 512) -> dict[str, dict[str, float]]:
     """`rows[i]` holds the factor values of image i; returns {factor: {accuracy, chance}}."""
     texts: dict[str, int] = {}
@@ -27,7 +28,7 @@ def factor_probe(model: nn.Module, tokenizer: Callable, image_features: torch.Te
             for j, v in enumerate(values):
                 ids[i, j] = texts.setdefault(template.format(**{**row, name: v}), len(texts))
         cand[name] = ids
-    feats = encode_texts(model, tokenizer, list(texts), batch_size, device)
+    feats = encode_texts(model, tokenizer, list(texts), batch_size, runtime)
     out = {}
     for name, values in factors.items():
         truth = np.array([values.index(row[name]) for row in rows])

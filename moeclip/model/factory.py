@@ -40,15 +40,15 @@ def build_dense(arch: str, model_cfg: dict[str, Any] | None = None) -> nn.Module
     return model
 
 
-def create_open_clip(arch: str, pretrained: str | None, device: str | torch.device = "cpu") -> nn.Module:
+def create_open_clip(arch: str, pretrained: str | None, device: str | torch.device | None = None) -> nn.Module:
     """An open_clip architecture with a pretrained tag (hub; needs the network) or a local weights file."""
     if pretrained and Path(pretrained).exists():
         model = build_dense(arch)
         _load_foreign_weights(model, Path(pretrained))
     else:
-        model = open_clip.create_model(arch, pretrained=pretrained, device=device)
+        model = open_clip.create_model(arch, pretrained=pretrained)
         model.moeclip_arch = {"arch": arch, "model_cfg": model_config(arch), "pretrained": pretrained}
-    return model.to(device)
+    return model.to(device) if device is not None else model
 
 
 def _load_foreign_weights(model: nn.Module, path: Path) -> None:

@@ -61,8 +61,10 @@ def ffn_param_names(model: nn.Module, towers: Iterable[str] = TOWERS,
 
 def ffn_state_dict(model: nn.Module, towers: Iterable[str] = TOWERS,
                    blocks: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """A copy in host memory, fp32-or-as-trained: weight sets are handed between steps (stage -> upcycling ->
+    distance reports -> files), so they live where every reader can take them, not on one stage's GPU."""
     state = model.state_dict()
-    return {n: state[n].detach().clone() for n in ffn_param_names(model, towers, blocks)}
+    return {n: state[n].detach().to("cpu", copy=True) for n in ffn_param_names(model, towers, blocks)}
 
 
 def load_ffn_state_dict(model: nn.Module, ffn: dict[str, torch.Tensor]) -> None:
@@ -80,8 +82,8 @@ def load_ffn_state_dict(model: nn.Module, ffn: dict[str, torch.Tensor]) -> None:
 
 def ffn_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """Relative L2 distance ||a - b|| / ||b|| over all FFN weights: how far two multiplets are apart."""
-    num = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in b)
-    den = sum(float(b[k].float().pow(2).sum()) for k in b)
+    num = sum(float((a[k].float().cpu() - b[k].float().cpu()).pow(2).sum()) for k in b)
+    den = sum(float(b[k].float().cpu().pow(2).sum()) for k in b)
     return (num / max(den, 1e-30)) ** 0.5
 
 

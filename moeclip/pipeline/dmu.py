@@ -21,13 +21,14 @@ from moeclip.config import to_dict
 from moeclip.data.dataset import CaptionDataset
 from moeclip.eval.evaluate import evaluate, find_factors
 from moeclip.loader import load, save_model_dir
-from moeclip.mcl.stages import MCLConfig, run_mcl
 from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
 from moeclip.moe import upcycle
 from moeclip.pipeline.common import DataConfig, ensure_data
 from moeclip.analysis import analyse_experts, write_expert_report
 from moeclip.pipeline.report import write_report
-from moeclip.train.dist import DistributedConfig, make_accelerator
+from moeclip.runtime import Runtime
+from moeclip.train.dist import DistributedConfig, make_runtime
+from moeclip.train.mcl_stages import MCLConfig, run_mcl
 from moeclip.train.loop import train
 from moeclip.train.moe_finetune import MoEFinetuneConfig, finetune_moe
 
@@ -77,21 +78,21 @@ class DMUConfig:
 
 
 def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
-    accelerator = make_accelerator(cfg.distributed)
-    main = accelerator.is_main_process
+    runtime = make_runtime(cfg.distributed)
+    main = runtime.is_main
     out = Path(cfg.output_dir)
     started = time.time()
     ensure_data(cfg.data, main)
-    accelerator.wait_for_everyone()
+    runtime.barrier()
     torch.manual_seed(cfg.seed)
     base, preprocess, tokenizer = load(cfg.base)
     train_ds = CaptionDataset(cfg.data.train, preprocess, cache_mb=cfg.data.cache_mb)
     factors = find_factors(cfg.data.train)
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
-    evals = _Evaluator(out / "evals", preprocess, tokenizer, cfg, main)
+    evals = _Evaluator(out / "evals", preprocess, tokenizer, cfg, runtime)
 
     mcl_dir = Path(cfg.mcl_dir) if cfg.mcl_dir else out / "mcl"
-    experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, mcl_dir, accelerator, cfg.seed, factor_columns)
+    experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, mcl_dir, runtime, cfg.seed, factor_columns)
 
     evals("base", lambda: base)
     for s in range(1, len(experts)):
@@ -101,7 +102,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     dmu = upcycle(copy.deepcopy(base), experts, top_k=ucfg.top_k, layers=ucfg.layers, towers=cfg.mcl.towers,
                   jitter=ucfg.jitter, router_init_std=ucfg.router_init_std)
     model_dir = out / "model"
-    ft = _finetune_once(dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, accelerator,
+    ft = _finetune_once(dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, runtime,
                         cfg.seed, "DMU router FT", {"pipeline": "dmu", "config": to_dict(cfg)})
     evals("dmu", lambda: load(model_dir)[0])
 
@@ -117,7 +118,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         xcfg.mode = "router+experts"
         xcfg.train.lr = bl.upcycle_finetune.train.lr
         _finetune_once(dx, train_ds, tokenizer, xcfg, out / "ablations" / "dmu_router_experts" / "train",
-                       out / "ablations" / "dmu_router_experts" / "model", accelerator, cfg.seed,
+                       out / "ablations" / "dmu_router_experts" / "model", runtime, cfg.seed,
                        "DMU router+experts", {"pipeline": "dmu-router+experts"})
         evals("dmu_router_experts", lambda: load(out / "ablations" / "dmu_router_experts" / "model")[0])
     if bl.upcycle:
@@ -126,12 +127,12 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         bcfg = copy.deepcopy(bl.upcycle_finetune)
         bcfg.train.steps = max(1, budget // bcfg.train.global_batch)
         baseline_info["upcycle"] = _finetune_once(up, train_ds, tokenizer, bcfg, out / "baselines" / "upcycle" / "train",
-                                                  out / "baselines" / "upcycle" / "model", accelerator, cfg.seed,
+                                                  out / "baselines" / "upcycle" / "model", runtime, cfg.seed,
                                                   "upcycle baseline", {"pipeline": "upcycle-baseline"})
         evals("upcycle", lambda: load(out / "baselines" / "upcycle" / "model")[0])
     if bl.dense_ft:
         baseline_info["dense_ft"] = _dense_ft_once(base, train_ds, tokenizer, cfg, budget,
-                                                   out / "baselines" / "dense_ft", accelerator)
+                                                   out / "baselines" / "dense_ft", runtime)
         evals("dense_ft", lambda: load(out / "baselines" / "dense_ft" / "model")[0])
 
     report: dict[str, Any] = {}
@@ -150,9 +151,9 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
                         "baseline_budget_rule": bl.budget,
                         **{f"{k}_samples": v["samples"] for k, v in baseline_info.items()}},
         }
-        report.update(_analyse(load(model_dir)[0], preprocess, tokenizer, cfg, evals.results["base"], out))
+        report.update(_analyse(load(model_dir)[0], preprocess, tokenizer, cfg, evals.results["base"], out, runtime))
         write_report(out, report)
-    accelerator.wait_for_everyone()
+    runtime.barrier()
     return report
 
 
@@ -174,13 +175,15 @@ def _timings(out: Path, mcl_dir: Path, num_experts: int, started: float) -> dict
 
 
 def _analyse(model: nn.Module, preprocess: Callable, tokenizer: Callable, cfg: DMUConfig, base_metrics: dict,
-             out: Path) -> dict[str, Any]:
-    """`moeclip experts` on the final model; the report links its pictures."""
+             out: Path, runtime: Runtime) -> dict[str, Any]:
+    """`moeclip experts` on the final model (rank 0, its accelerator; a bounded sample of rows, so seconds even
+    for ViT-L); the report links its pictures."""
     group = cfg.experts_group_by
     if group == "auto":
         factors = base_metrics.get("factors") or {}
         group = min(factors, key=factors.get) if factors else None
-    result = analyse_experts(model, preprocess, tokenizer, cfg.data.val, group_by=group, progress=False)
+    result = analyse_experts(model, preprocess, tokenizer, cfg.data.val, group_by=group, progress=False,
+                             runtime=runtime)
     paths = write_expert_report(result, out / "experts")
     usage = [{k: layer[k] for k in ("tower", "block", "load", "top1", "load_cv")}
              | ({"mi_bits": layer["groups"]["mi_bits"], "mi_null_p95_bits": layer["groups"]["mi_null_p95_bits"]}
@@ -196,7 +199,7 @@ def _stage_model(base: nn.Module, ffn: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def _dense_ft_once(base: nn.Module, ds: CaptionDataset, tokenizer: Callable, cfg: DMUConfig, budget: int,
-                   out: Path, accelerator) -> dict:
+                   out: Path, runtime: Runtime) -> dict:
     """All FFNs of both towers, plain shuffled batches, MCL's hyper-parameters, `budget` samples."""
     done = out / "model" / "config.json"
     if done.exists():
@@ -205,44 +208,49 @@ def _dense_ft_once(base: nn.Module, ds: CaptionDataset, tokenizer: Callable, cfg
     tcfg = copy.deepcopy(cfg.mcl.train)
     tcfg.steps = max(1, budget // tcfg.global_batch)
     tcfg.seed = cfg.seed
-    result = train(model, ds, tokenizer, tcfg, out / "train", accelerator,
+    result = train(model, ds, tokenizer, tcfg, out / "train", runtime,
                    trainable=ffn_param_names(model, cfg.mcl.towers, cfg.mcl.blocks), desc="dense FT baseline")
     summary = {k: result[k] for k in ("steps", "samples", "seconds", "skipped")}
-    if accelerator.is_main_process:
-        save_model_dir(accelerator.unwrap_model(model), out / "model",
+    if runtime.is_main:
+        save_model_dir(model, out / "model",
                        extra={"pipeline": "dense-ft-baseline", "finetune": {**summary, "history": result["history"]}})
-    accelerator.wait_for_everyone()
+    runtime.barrier()
     return summary
 
 
 def _finetune_once(model: nn.Module, ds: CaptionDataset, tokenizer: Callable, ft: MoEFinetuneConfig, train_dir: Path,
-                   model_dir: Path, accelerator, seed: int, desc: str, extra: dict) -> dict:
+                   model_dir: Path, runtime: Runtime, seed: int, desc: str, extra: dict) -> dict:
     """Fine-tune and save a model directory, unless a finished one is already there."""
     done = model_dir / "config.json"
     if done.exists():
         return io.read_json(done).get("finetune", {})
-    result = finetune_moe(model, ds, tokenizer, ft, train_dir, accelerator, seed, desc)
+    result = finetune_moe(model, ds, tokenizer, ft, train_dir, runtime, seed, desc)
     summary = {k: result[k] for k in ("steps", "samples", "seconds", "skipped")}
-    if accelerator.is_main_process:
-        save_model_dir(accelerator.unwrap_model(model), model_dir,
+    if runtime.is_main:
+        save_model_dir(model, model_dir,
                        extra={**extra, "finetune": {**summary, "mode": ft.mode, "history": result["history"]}})
-    accelerator.wait_for_everyone()
+    runtime.barrier()
     return summary
 
 
 class _Evaluator:
-    """Evaluates each named model once (main process) and caches the metrics on disk."""
+    """Evaluates each named model once, sharded over every rank on its accelerator, and caches the metrics."""
 
-    def __init__(self, root: Path, preprocess: Callable, tokenizer: Callable, cfg: DMUConfig, main: bool) -> None:
-        self.root, self.preprocess, self.tokenizer, self.cfg, self.main = root, preprocess, tokenizer, cfg, main
+    def __init__(self, root: Path, preprocess: Callable, tokenizer: Callable, cfg: DMUConfig,
+                 runtime: Runtime) -> None:
+        self.root, self.preprocess, self.tokenizer, self.cfg, self.runtime = root, preprocess, tokenizer, cfg, runtime
         self.results: dict[str, Any] = {}
 
     def __call__(self, name: str, make_model: Callable[[], nn.Module]) -> None:
         path = self.root / f"{name}.json"
-        if self.main:
-            if not path.exists():
-                metrics = evaluate(make_model(), self.preprocess, self.tokenizer, self.cfg.data.val,
-                                   batch_size=self.cfg.eval_batch, progress=False)
+        if not path.exists():  # every rank sees the same: files appear only behind the barrier below
+            model = make_model()
+            metrics = evaluate(model, self.preprocess, self.tokenizer, self.cfg.data.val,
+                               batch_size=self.cfg.eval_batch, progress=False, runtime=self.runtime)
+            del model
+            if self.runtime.is_main:
                 io.write_json(path, metrics)
                 log.info("%s: mean R@1 %.1f", name, 100 * metrics["mean_R@1"])
+        self.runtime.barrier()
+        if self.runtime.is_main:
             self.results[name] = io.read_json(path)

@@ -14,7 +14,7 @@ from moeclip.eval.evaluate import evaluate, format_table
 from moeclip.loader import save_model_dir
 from moeclip.model.factory import build_dense, preprocess_for, tokenizer_for
 from moeclip.pipeline.common import DataConfig, ensure_data
-from moeclip.train.dist import make_accelerator
+from moeclip.train.dist import DistributedConfig, make_runtime
 from moeclip.train.loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -27,27 +27,26 @@ class PretrainConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
-    accelerator = make_accelerator()
-    ensure_data(cfg.data, accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+    runtime = make_runtime(cfg.distributed)
+    ensure_data(cfg.data, runtime.is_main)
+    runtime.barrier()
     torch.manual_seed(cfg.seed)
     model = build_dense(cfg.arch)
     preprocess, tokenizer = preprocess_for(model), tokenizer_for(cfg.arch, model.moeclip_arch["model_cfg"])
     out = Path(cfg.output_dir)
     ds = CaptionDataset(cfg.data.train, preprocess, cache_mb=cfg.data.cache_mb)
     cfg.train.seed = cfg.seed
-    result = train(model, ds, tokenizer, cfg.train, out / "train", accelerator,
+    result = train(model, ds, tokenizer, cfg.train, out / "train", runtime,
                    trainable=[n for n, _ in model.named_parameters()], desc="pretrain")
-    metrics = {}
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(model).eval()
-        metrics = evaluate(model, preprocess, tokenizer, cfg.data.val, progress=False)
+    metrics = evaluate(model.eval(), preprocess, tokenizer, cfg.data.val, progress=False, runtime=runtime)
+    if runtime.is_main:
         save_model_dir(model, out / "model", extra={"trained_by": "recipes/pretrain.py", "config": to_dict(cfg),
                                                     "val_metrics": metrics})
         io.write_json(out / "metrics.json", {"val": metrics, "train": result})
         print(format_table(metrics))
-    accelerator.wait_for_everyone()
+    runtime.barrier()
     return metrics

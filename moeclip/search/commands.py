@@ -40,7 +40,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         print(f"{r['rank']:>4}  {r['score']:+.4f}  {r['path']}")
 
 
-def add_commands(sub: argparse._SubParsersAction, default_device: str = "cpu") -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("index", help="embed a folder (or CSV) of images into a resumable search index")
     i.add_argument("--model", required=True, help="moeclip model directory, or open_clip 'ARCH:TAG'")
     i.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file (with an ARCH)")
@@ -50,7 +50,7 @@ def add_commands(sub: argparse._SubParsersAction, default_device: str = "cpu") -
     i.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
     i.add_argument("--commit-every", type=int, default=8, help="save progress every N batches (default 8)")
     i.add_argument("--limit", type=int, default=None, help="embed at most N more images, then stop (resumable)")
-    i.add_argument("--device", default=default_device)
+    i.add_argument("--device", default=None, help="default: the first GPU, else the CPU")
     i.set_defaults(func=cmd_index)
 
     s = sub.add_parser("search", help="rank the images of an index by a text or image query")
@@ -60,5 +60,5 @@ def add_commands(sub: argparse._SubParsersAction, default_device: str = "cpu") -
     q.add_argument("--image", help="image file query")
     s.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    s.add_argument("--device", default=default_device)
+    s.add_argument("--device", default=None, help="default: the first GPU, else the CPU")
     s.set_defaults(func=cmd_search)

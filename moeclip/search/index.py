@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from moeclip.runtime import default_device
 from torch import nn
 from tqdm import tqdm
 
@@ -90,7 +92,7 @@ def _start(out: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 @torch.inference_mode()
 def build_index(model: nn.Module, preprocess: Callable, images: str | os.PathLike, out: str | os.PathLike,
                 model_ref: str, pretrained: str | None = None, batch_size: int = 64,
-                device: str | torch.device = "cpu", num_workers: int = 0, commit_every: int = 8,
+                device: str | torch.device | None = None, num_workers: int = 0, commit_every: int = 8,
                 limit: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Embed every image of `images` (folder or table) into the index folder `out`, resuming if it can.
 
@@ -113,6 +115,7 @@ def build_index(model: nn.Module, preprocess: Callable, images: str | os.PathLik
         io.write_json(out / SOURCES, sources)
         state = {**key, "num_sources": len(sources), "next": 0, "rows": 0, "manifest_bytes": 0,
                  "dim": None, "skipped": []}
+    device = torch.device(device) if device is not None else default_device()
     model = model.to(device).eval()
     n = len(sources)
     stop = n if limit is None else min(n, state["next"] + max(limit, 0))

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+
+from moeclip.runtime import default_device
 from torch import nn
 
 from moeclip import io
@@ -64,15 +66,16 @@ def open_index(path: str | os.PathLike) -> Index:
     return Index(root, meta, emb)
 
 
-def load_index_model(index: Index, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, Callable]:
+def load_index_model(index: Index, device: str | torch.device | None = None) -> tuple[nn.Module, Callable, Callable]:
     from moeclip import load
     return load(index.meta["model"], pretrained=index.meta.get("pretrained"), device=device)
 
 
 @torch.inference_mode()
 def embed_query(model: nn.Module, preprocess: Callable, tokenizer: Callable, text: str | None = None,
-                image: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+                image: str | os.PathLike | None = None, device: str | torch.device | None = None) -> torch.Tensor:
     """[1, dim] normalised query embedding; exactly one of text / image."""
+    device = torch.device(device) if device is not None else default_device()
     if (text is None) == (image is None):
         raise ValueError("give exactly one query: --text or --image")
     if text is not None:

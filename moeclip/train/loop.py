@@ -22,12 +22,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from tqdm import tqdm
 
 from moeclip import io
 from moeclip.data.dataset import CaptionDataset, Collate, record_skips
 from moeclip.data.sampler import GroupBatchSampler
+from moeclip.moe import moe_layers
+from moeclip.runtime import Runtime
 from moeclip.train.losses import clip_loss, gather_ids, gather_with_grad, positive_mask
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,9 @@ class PlainBackend:
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch: int, grad_accum: int,
                 grad_clip: float) -> tuple[Any, Any]:
+        # DDP: an expert no token picked on a rank in a micro-batch (a zero-initialised router sends every token
+        # to the same k experts) gets no gradient there; DDP must not wait for it
+        self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=bool(moe_layers(model)))
         return self.accelerator.prepare(model, optimizer)
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
@@ -135,6 +141,7 @@ class PlainBackend:
 
     def teardown(self, model: nn.Module) -> None:
         self.model = None
+        self.accelerator.free_memory()  # drop accelerate's references (DDP wrapper, optimizer) to this stage
 
 
 def make_backend(accelerator: Accelerator) -> Any:
@@ -146,10 +153,12 @@ def make_backend(accelerator: Accelerator) -> Any:
 
 
 def train(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: TrainConfig, out_dir: str | Path,
-          accelerator: Accelerator, trainable: list[str], labels: np.ndarray | None = None,
+          runtime: Runtime, trainable: list[str], labels: np.ndarray | None = None,
           aux_loss: AuxLoss | None = None, desc: str = "train") -> dict[str, Any]:
-    """Train `trainable` params of `model` in place; return {history, steps, seconds, skipped, ...}."""
+    """Train `trainable` params of `model` in place on the runtime's device; return {history, steps, seconds,
+    skipped, ...}. The model stays on that device afterwards."""
     out_dir = Path(out_dir)
+    accelerator: Accelerator = runtime.trainer
     freeze_except(model, trainable)  # fail on unknown names before any set-up
     sampler = GroupBatchSampler(labels, len(dataset), cfg.global_batch, accelerator.num_processes,
                                 accelerator.process_index, cfg.grad_accum, cfg.seed)
@@ -174,7 +183,7 @@ def train(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: T
     engine.train()
     spe = sampler.steps_per_epoch()
     collate = Collate(tokenizer)
-    device = accelerator.device
+    device = runtime.device
     image_dtype = next((p.dtype for p in unwrapped.visual.parameters() if p.is_floating_point()), torch.float32)
     step, t_start = state["step"], time.time() - state["seconds"]
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not accelerator.is_main_process,

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from accelerate import Accelerator
 from torch import nn
 
 from moeclip.data.dataset import CaptionDataset
 from moeclip.moe import aux_losses, set_trainable
+from moeclip.runtime import Runtime
 from moeclip.train.loop import TrainConfig, train
 
 
@@ -44,8 +44,8 @@ def moe_aux_loss(lb_coef: float, z_coef: float) -> Callable[[nn.Module], tuple[t
 
 
 def finetune_moe(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: MoEFinetuneConfig,
-                 out_dir: str | Path, accelerator: Accelerator, seed: int = 0, desc: str = "router FT") -> dict:
+                 out_dir: str | Path, runtime: Runtime, seed: int = 0, desc: str = "router FT") -> dict:
     names = set_trainable(model, cfg.mode)
     tcfg = TrainConfig(**{**cfg.train.__dict__, "seed": seed})
-    return train(model, dataset, tokenizer, tcfg, out_dir, accelerator, trainable=names,
+    return train(model, dataset, tokenizer, tcfg, out_dir, runtime, trainable=names,
                  aux_loss=moe_aux_loss(cfg.lb_coef, cfg.z_coef), desc=desc)

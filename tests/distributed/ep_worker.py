@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moeclip.train.dist import DistributedConfig, finish, make_accelerator
+from moeclip.train.dist import DistributedConfig, finish, make_runtime
 
 
 def layer_check(num_experts: int, rank: int) -> dict:
@@ -113,7 +113,7 @@ def record_first_grads(out: Path) -> None:
     DeepSpeedBackend.step = recording_step
 
 
-def training(out: Path, model_dir: str, train_csv: str, cfg: dict, accelerator) -> dict:
+def training(out: Path, model_dir: str, train_csv: str, cfg: dict, runtime) -> dict:
     from moeclip import load
     from moeclip.data.dataset import CaptionDataset
     from moeclip.loader import save_model_dir
@@ -128,27 +128,28 @@ def training(out: Path, model_dir: str, train_csv: str, cfg: dict, accelerator) 
             ds = CaptionDataset(train_csv, pre)
             tcfg = TrainConfig(**{**run["train"], "stop_at": stop_at})
             ft = MoEFinetuneConfig(mode=run["mode"], lb_coef=run["lb_coef"], z_coef=run["z_coef"], train=tcfg)
-            res = finetune_moe(model, ds, tok, ft, out / run["name"], accelerator, seed=0, desc=run["name"])
+            res = finetune_moe(model, ds, tok, ft, out / run["name"], runtime, seed=0, desc=run["name"])
         ckpt = latest_checkpoint(out / run["name"])
         info[run["name"]] = {"steps": res["steps"], "backend": res["backend"], "ckpt": str(ckpt),
                              "history": res["history"]}
-        if accelerator.is_main_process:
+        if runtime.is_main:
             save_model_dir(model, out / f"{run['name']}_model")
-        accelerator.wait_for_everyone()
+        runtime.barrier()
     return info
 
 
 def main() -> int:
     out, model_dir, train_csv = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     cfg = json.loads((out / "train_cfg.json").read_text())
-    accelerator = make_accelerator(DistributedConfig(ep_size=2))
-    rank = accelerator.process_index
+    runtime = make_runtime(DistributedConfig(ep_size=2))
+    accelerator = runtime.trainer
+    rank = runtime.rank
     result = {"world": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
               "backend": dist.get_backend()}
     if not cfg.get("skip_layer"):
         result["layer"] = {e: layer_check(e, rank) for e in (4, 3)}
     record_first_grads(out)
-    result["training"] = training(out, model_dir, train_csv, cfg, accelerator)
+    result["training"] = training(out, model_dir, train_csv, cfg, runtime)
     (out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
     return 0
 

@@ -27,7 +27,7 @@ from moeclip.loader import save_model_dir
 from moeclip.model.factory import build_dense, model_config
 from moeclip.moe import MoEFFN, Routing, load_balancing_loss, router_z_loss, set_trainable, upcycle
 from moeclip.moe.losses import module_tower
-from moeclip.train.dist import make_accelerator
+from moeclip.train.dist import make_runtime
 from moeclip.train.loop import PlainBackend, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +104,7 @@ def single_process(moe_dir: Path, corpus: dict, run: dict, out: Path) -> tuple[t
     PlainBackend.step = recording_step
     try:
         model, pre, tok = load(moe_dir)
-        train(model, CaptionDataset(corpus["train"], pre), tok, TrainConfig(**run["train"]), out, make_accelerator(),
+        train(model, CaptionDataset(corpus["train"], pre), tok, TrainConfig(**run["train"]), out, make_runtime(),
               trainable=set_trainable(model, run["mode"]), aux_loss=per_rank_aux(run["lb_coef"], run["z_coef"], 2))
     finally:
         PlainBackend.step = step

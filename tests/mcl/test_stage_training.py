@@ -11,9 +11,10 @@ from moeclip import load
 from moeclip.config import ConfigError
 from moeclip.data.dataset import CaptionDataset
 from moeclip.mcl.embed import embed_corpus
-from moeclip.mcl.stages import MCLConfig, run_mcl
+from moeclip.train.mcl_stages import MCLConfig, run_mcl
 from moeclip.model.ffn import ffn_distance, ffn_param_names
-from moeclip.train.dist import make_accelerator
+from moeclip.runtime import Runtime
+from moeclip.train.dist import make_runtime
 from moeclip.train.loop import TrainConfig
 
 
@@ -24,7 +25,7 @@ def test_only_ffn_changes_and_stages_differ(micro_dir, corpus, tmp_path):
     cfg = MCLConfig(num_experts=3, k_img=2, k_txt=2, embed_batch=128,
                     train=TrainConfig(steps=3, global_batch=32, lr=1e-2, warmup_steps=1, ckpt_every=2,
                                       label_smoothing=0.1, fixed_logit_scale=100.0))
-    experts = run_mcl(base, ds, tok, cfg, tmp_path / "mcl", make_accelerator(), seed=0,
+    experts = run_mcl(base, ds, tok, cfg, tmp_path / "mcl", make_runtime(), seed=0,
                       factor_columns={"colour": ds.column("colour")})
     # the base passed in is untouched: each stage trains a fresh copy
     for k, v in base.state_dict().items():
@@ -39,17 +40,17 @@ def test_only_ffn_changes_and_stages_differ(micro_dir, corpus, tmp_path):
     assert info["clusters"]["num_groups"] >= 1 and sum(info["clusters"]["group_sizes"]) == len(ds)
     assert "colour" in info["clusters"]["nmi"]["image"]
     # re-running is a no-op that returns the same experts
-    again = run_mcl(base, ds, tok, cfg, tmp_path / "mcl", make_accelerator(), seed=0)
+    again = run_mcl(base, ds, tok, cfg, tmp_path / "mcl", make_runtime(), seed=0)
     assert all(ffn_distance(a, b) == 0 for a, b in zip(again, experts))
     # fewer stages reuse the same directory (the expert-count ablation); changed settings are refused
-    fewer = run_mcl(base, ds, tok, dataclasses.replace(cfg, num_experts=2), tmp_path / "mcl", make_accelerator(), seed=0)
+    fewer = run_mcl(base, ds, tok, dataclasses.replace(cfg, num_experts=2), tmp_path / "mcl", make_runtime(), seed=0)
     assert len(fewer) == 2 and ffn_distance(fewer[1], experts[1]) == 0
     changed = copy.deepcopy(cfg)
     changed.train.lr = 1e-3
     with pytest.raises(ConfigError, match="config.train.lr"):
-        run_mcl(base, ds, tok, changed, tmp_path / "mcl", make_accelerator(), seed=0)
+        run_mcl(base, ds, tok, changed, tmp_path / "mcl", make_runtime(), seed=0)
     with pytest.raises(ConfigError, match="seed"):
-        run_mcl(base, ds, tok, cfg, tmp_path / "mcl", make_accelerator(), seed=1)
+        run_mcl(base, ds, tok, cfg, tmp_path / "mcl", make_runtime(), seed=1)
 
 
 def test_frozen_weights_bit_identical(micro_dir, corpus, tmp_path):
@@ -60,7 +61,7 @@ def test_frozen_weights_bit_identical(micro_dir, corpus, tmp_path):
     names = ffn_param_names(model)
     labels = np.arange(len(ds)) % 3
     train(model, ds, tok, TrainConfig(steps=2, global_batch=16, lr=1e-2, warmup_steps=1, ckpt_every=5),
-          tmp_path / "t", make_accelerator(), names, labels=labels)
+          tmp_path / "t", make_runtime(), names, labels=labels)
     after = model.state_dict()
     for k in after:
         if k in names:
@@ -72,12 +73,12 @@ def test_frozen_weights_bit_identical(micro_dir, corpus, tmp_path):
 def test_embed_resumes(micro_dir, corpus, tmp_path):
     model, pre, tok = load(micro_dir)
     ds = CaptionDataset(corpus["train"], pre)
-    img, txt, ok = embed_corpus(model, ds, tok, tmp_path / "f", batch_size=32, commit_every=2)
+    img, txt, ok = embed_corpus(model, ds, tok, tmp_path / "f", Runtime.local("cpu"), batch_size=32, commit_every=2)
     assert img.shape[0] == len(ds) and ok.all()
     assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-4)
     # pretend the pass died after the first chunk: progress rewinds, result must be identical
     from moeclip.io import read_json, write_json
     p = read_json(tmp_path / "f" / "progress.json")
     write_json(tmp_path / "f" / "progress.json", {"num_images": p["num_images"], "dim": p["dim"], "images_done": 64})
-    img2, txt2, _ = embed_corpus(model, ds, tok, tmp_path / "f", batch_size=32, commit_every=2)
+    img2, txt2, _ = embed_corpus(model, ds, tok, tmp_path / "f", Runtime.local("cpu"), batch_size=32, commit_every=2)
     assert np.allclose(img, img2) and np.allclose(txt, txt2)

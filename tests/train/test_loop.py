@@ -5,7 +5,7 @@ import torch
 
 from moeclip import load
 from moeclip.data.dataset import CaptionDataset
-from moeclip.train.dist import make_accelerator
+from moeclip.train.dist import make_runtime
 from moeclip.train.loop import TrainConfig, latest_checkpoint, train
 from moeclip.train.losses import clip_loss, positive_mask
 
@@ -14,7 +14,7 @@ def _run(micro_dir, corpus, out, steps, stop_at=None):
     model, pre, tok = load(micro_dir)
     ds = CaptionDataset(corpus["train"], pre)
     cfg = TrainConfig(steps=steps, global_batch=32, lr=1e-3, warmup_steps=2, ckpt_every=2, stop_at=stop_at)
-    res = train(model, ds, tok, cfg, out, make_accelerator(), [n for n, _ in model.named_parameters()])
+    res = train(model, ds, tok, cfg, out, make_runtime(), [n for n, _ in model.named_parameters()])
     return model, res
 
 

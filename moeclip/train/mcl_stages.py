@@ -2,7 +2,8 @@
 accumulates the labels, and fine-tunes only the FFNs of a fresh copy of the base with every global
 batch drawn from one accumulated group. Each stage leaves one FFN weight set: one expert.
 
-Every step leaves a file that marks it done (features/progress.json, clusters.json, ffn.safetensors +
+The training application's side of MCL (`moeclip.mcl` holds the embedding pass and the clustering,
+plain library code). Every step leaves a file that marks it done (features/progress.json, clusters.json, ffn.safetensors +
 stage.json), so a re-run skips finished work and resumes a stage's training from its checkpoint.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
-from accelerate import Accelerator
 from torch import nn
 
 from moeclip import io
@@ -24,6 +24,7 @@ from moeclip.mcl.cluster import alignment, cluster_stage, group_sizes
 from moeclip.mcl.embed import embed_corpus
 from moeclip.config import ConfigError
 from moeclip.model.ffn import ffn_digest, ffn_distance, ffn_param_names, ffn_state_dict, load_ffn_state_dict
+from moeclip.runtime import Runtime
 from moeclip.train.loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,13 @@ class MCLConfig:
 
 
 def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: MCLConfig, out_dir: str | Path,
-            accelerator: Accelerator, seed: int = 0,
+            runtime: Runtime, seed: int = 0,
             factor_columns: dict[str, list[str]] | None = None) -> list[dict[str, "torch.Tensor"]]:
     """Return the FFN weight sets of experts 0..N-1 (0 = base); writes out_dir/stage_{s}/."""
     out = Path(out_dir)
     names = ffn_param_names(base, cfg.towers, cfg.blocks)
     experts = [ffn_state_dict(base, cfg.towers, cfg.blocks)]
-    _check_same_settings(out, cfg, seed, experts[0], len(dataset), accelerator)
+    _check_same_settings(out, cfg, seed, experts[0], len(dataset), runtime)
     previous_groups = None
     for s in range(1, cfg.num_experts):
         sdir = out / f"stage_{s}"
@@ -69,7 +70,7 @@ def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: 
             log.info("MCL stage %d: already done", s)
             continue
         t0 = time.time()
-        groups, acc, clusters = _cluster(base, experts[-1], dataset, tokenizer, cfg, sdir, accelerator, seed + s,
+        groups, acc, clusters = _cluster(base, experts[-1], dataset, tokenizer, cfg, sdir, runtime, seed + s,
                                          previous_groups if cfg.accumulate else None, factor_columns,
                                          out / f"stage_{s - 1}" if s > 1 else None)
         previous_groups = acc
@@ -79,17 +80,18 @@ def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: 
             load_ffn_state_dict(model, experts[-1])
         tcfg = copy.deepcopy(cfg.train)
         tcfg.seed = seed + s
-        result = train(model, dataset, tokenizer, tcfg, sdir / "train", accelerator, trainable=names,
+        result = train(model, dataset, tokenizer, tcfg, sdir / "train", runtime, trainable=names,
                        labels=groups, desc=f"MCL stage {s}")
-        ffn = ffn_state_dict(accelerator.unwrap_model(model), cfg.towers, cfg.blocks)
+        ffn = ffn_state_dict(model, cfg.towers, cfg.blocks)
+        del model
         experts.append(ffn)
         summary = {"stage": s, "config": asdict(cfg), "clusters": clusters, "train": result,
                    "seconds": {"embed_and_cluster": round(t_cluster, 2), "train": result["seconds"]},
                    "distance_to_experts": [round(ffn_distance(ffn, e), 5) for e in experts[:-1]]}
-        if accelerator.is_main_process:
+        if runtime.is_main:
             io.save_tensors(sdir / "ffn.safetensors", ffn, metadata={"stage": s})
             io.write_json(sdir / "stage.json", summary)
-        accelerator.wait_for_everyone()
+        runtime.barrier()
         log.info("MCL stage %d: %d groups (sizes %s...), distance to earlier experts %s", s,
                  clusters["num_groups"], clusters["group_sizes"][:5], summary["distance_to_experts"])
     return experts
@@ -101,7 +103,7 @@ _RESUME_IGNORES = {"num_experts", "embed_batch", "train.ckpt_every", "train.log_
 
 
 def _check_same_settings(out: Path, cfg: MCLConfig, seed: int, base_ffn: dict, samples: int,
-                         accelerator: Accelerator) -> None:
+                         runtime: Runtime) -> None:
     """Resume only stages the same settings made: otherwise a re-run with a changed config would silently
     mix stale experts into the new model. More or fewer stages (num_experts) may reuse the same directory."""
     flat = {f"config.{k}": v for k, v in _flatten(asdict(cfg)).items() if k not in _RESUME_IGNORES}
@@ -114,9 +116,9 @@ def _check_same_settings(out: Path, cfg: MCLConfig, seed: int, base_ffn: dict, s
                 raise ConfigError(f"{out} holds MCL stages made with {key}={have.get(key)!r}, but this run has "
                                   f"{want.get(key)!r}; use a new output_dir= or mcl_dir= (or delete {out}) "
                                   "to start over")
-    elif accelerator.is_main_process:
+    elif runtime.is_main:
         io.write_json(path, want)
-    accelerator.wait_for_everyone()
+    runtime.barrier()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -130,16 +132,20 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _cluster(base: nn.Module, prev_ffn: dict, dataset: CaptionDataset, tokenizer: Callable, cfg: MCLConfig,
-             sdir: Path, accelerator: Accelerator, seed: int, previous: np.ndarray | None,
+             sdir: Path, runtime: Runtime, seed: int, previous: np.ndarray | None,
              factor_columns: dict[str, list[str]] | None,
              previous_dir: Path | None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Embed with the previous stage's model and cluster (main process); every rank reads the result."""
-    if accelerator.is_main_process and not (sdir / "clusters.json").exists():
+    """Embed with the previous stage's model on every rank (sharded), cluster on rank 0 while the others wait
+    (the runtime's collective timeout covers it), and every rank reads the result."""
+    done = (sdir / "clusters.json").exists()
+    runtime.barrier()  # every rank has looked before rank 0 may write it
+    if not done:
         model = copy.deepcopy(base)
         load_ffn_state_dict(model, prev_ffn)
-        img, txt, ok = embed_corpus(model, dataset, tokenizer, sdir / "features", cfg.embed_batch,
-                                    accelerator.device)
+        features = embed_corpus(model, dataset, tokenizer, sdir / "features", runtime, cfg.embed_batch)
         del model
+    if not done and runtime.is_main:
+        img, txt, ok = features
         min_group = cfg.min_group or cfg.train.global_batch
         k_img, k_txt = _ks(cfg, len(img))
         project = None
@@ -158,7 +164,7 @@ def _cluster(base: nn.Module, prev_ffn: dict, dataset: CaptionDataset, tokenizer
                            "text": alignment(c.text_labels, factor_columns),
                            "groups": alignment(c.groups, factor_columns)}
         io.write_json(sdir / "clusters.json", info)
-    accelerator.wait_for_everyone()
+    runtime.barrier()
     return (io.load_npy(sdir / "groups.npy"), io.load_npy(sdir / "accumulated.npy"),
             io.read_json(sdir / "clusters.json"))
 
