@@ -18,23 +18,30 @@ from moeclip.model.factory import (Tokenizer, build_dense, create_open_clip, mod
 
 FORMAT = "moeclip-model"
 FORMAT_VERSION = 1
+CLIP_MOE_SUFFIXES = (".pt", ".pth")  # torch files in the CLIP-MoE authors' layout (moeclip.model.clip_moe_layout)
 
 
 def load(name_or_path: str | os.PathLike, pretrained: str | None = None,
-         device: str | torch.device | None = None) -> tuple[nn.Module, Callable, Tokenizer]:
+         device: str | torch.device | None = None, top_k: int | None = None) -> tuple[nn.Module, Callable, Tokenizer]:
     """Return (model in eval mode, preprocess, tokenizer); `device` None leaves the weights in host memory.
 
     Accepts a moeclip model directory (dense or MoE), `ARCH:TAG` / `ARCH` + `pretrained=TAG`
-    (an open_clip pretrained tag; needs the network), or `ARCH` + `pretrained=FILE`.
+    (an open_clip pretrained tag; needs the network), `ARCH` + `pretrained=FILE`, or a CLIP-MoE
+    release file (`clip-moe-4-2-sharegpt4v.pt`; `top_k` experts per token, default 2).
     """
     path = Path(name_or_path)
+    if top_k is not None and not (path.is_file() and path.suffix in CLIP_MOE_SUFFIXES):
+        raise ValueError(f"{path}: top_k applies to a CLIP-MoE checkpoint file ({', '.join(CLIP_MOE_SUFFIXES)})")
     if path.is_dir():
         model = load_model_dir(path, device)
+    elif path.is_file() and path.suffix in CLIP_MOE_SUFFIXES:
+        from moeclip.model.clip_moe_layout import load_clip_moe
+        model = load_clip_moe(path, top_k=top_k, device=device)
     elif path.suffix in (".json", ".safetensors") or path.exists():
-        raise ValueError(f"{path}: expected a moeclip model directory (config.json + model.safetensors) "
-                         "or an architecture name such as 'ViT-B-32:openai'")
+        raise ValueError(f"{path}: expected a moeclip model directory (config.json + model.safetensors), "
+                         "a CLIP-MoE .pt file, or an architecture name such as 'ViT-B-32:openai'")
     elif "/" in str(name_or_path) or "\\" in str(name_or_path) or str(name_or_path).startswith("."):
-        raise FileNotFoundError(f"{path}: no such model directory")
+        raise FileNotFoundError(f"{path}: no such model directory or checkpoint file")
     else:
         arch, _, tag = str(name_or_path).partition(":")
         model_config(arch)  # unknown names fail here, with the list of what exists

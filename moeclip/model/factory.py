@@ -46,9 +46,27 @@ def create_open_clip(arch: str, pretrained: str | None, device: str | torch.devi
         model = build_dense(arch)
         _load_foreign_weights(model, Path(pretrained))
     else:
-        model = open_clip.create_model(arch, pretrained=pretrained)
-        model.moeclip_arch = {"arch": arch, "model_cfg": model_config(arch), "pretrained": pretrained}
+        cfg = model_config(arch)
+        kwargs: dict[str, Any] = {}
+        if pretrained:
+            quick = pretrained_quick_gelu(arch, pretrained)
+            if quick is not None and quick != bool(cfg.get("quick_gelu", False)):
+                cfg["quick_gelu"] = quick
+                kwargs = {"force_quick_gelu": True} if quick else {"quick_gelu": False}
+        model = open_clip.create_model(arch, pretrained=pretrained, **kwargs)
+        model.moeclip_arch = {"arch": arch, "model_cfg": cfg, "pretrained": pretrained}
     return model.to(device) if device is not None else model
+
+
+def pretrained_quick_gelu(arch: str, tag: str) -> bool | None:
+    """The activation a pretrained tag was trained with (True = QuickGELU), None when open_clip does not say.
+
+    open_clip 3.x builds an architecture's own activation (nn.GELU for `ViT-B-32`) even for QuickGELU-trained
+    weights such as `openai`, and only warns; loading such weights into GELU silently shifts every embedding.
+    """
+    tag_cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+    quick = tag_cfg.get("quick_gelu")
+    return None if quick is None else bool(quick)
 
 
 def _load_foreign_weights(model: nn.Module, path: Path) -> None:
