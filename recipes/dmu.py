@@ -5,6 +5,7 @@
 With no arguments it runs on the shipped base checkpoint and the synthetic corpus (generated if absent).
 Re-running the same command resumes where it stopped.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ def main() -> None:
     cfg = parse_recipe_args(DMUConfig, sys.argv[1:], Path(__file__).parent / "configs" / "default.yaml", __doc__)
     setup_logging()
     run_dmu(cfg)
-    print(f"report: {Path(cfg.output_dir) / 'report.md'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"report: {Path(cfg.output_dir) / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -29,3 +29,13 @@ def micro_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_dense("moeclip-micro")
     return save_model_dir(model, tmp_path_factory.mktemp("micro") / "model")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cuda` tests need a GPU; elsewhere they are skipped (bench/gpu_check.sh runs them on one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.sh runs these where there is one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
