@@ -2,8 +2,8 @@
 
 Every rank holds the same layer and takes its half of the same global tokens. Variants, fwd+bwd:
 - EP=1, moeclip: `MoEFFN` with every expert on every rank (data parallel; no communication in the layer);
-- EP=1, DeepSpeed: moeclip's `ExpertParallelMoEFFN` with ep_size=1 (DeepSpeed's layer, no all-to-all);
-- EP=2, DeepSpeed: `ExpertParallelMoEFFN` with ep_size=2: each rank holds 2 of the 4 experts, tokens go
+- EP=1, DeepSpeed: moeclip's `MoEFFN` on the expert-parallel backend with ep_size=1 (DeepSpeed's layer, no all-to-all);
+- EP=2, DeepSpeed: the same with ep_size=2: each rank holds 2 of the 4 experts, tokens go
   to their expert's rank and back by all-to-all (2 in the forward, 2 in the backward).
 A step's time is the slower rank's wall time (a barrier before each step). The all-to-all is also
 timed alone at the size the layer sends.
@@ -38,7 +38,7 @@ def worker(args: argparse.Namespace) -> None:
     from deepspeed.utils import logger as ds_logger
 
     from common import perturbed_moe
-    from moeclip.distributed.expert_parallel import ExpertParallelMoEFFN
+    from moeclip.distributed.expert_parallel import make_expert_parallel
     from moeclip.train.dist import finish
 
     ds_logger.setLevel(logging.ERROR)
@@ -56,8 +56,8 @@ def worker(args: argparse.Namespace) -> None:
         x = x_all[rank * per_rank:(rank + 1) * per_rank].clone().requires_grad_()
         grad = torch.randn(per_rank, d, generator=torch.Generator().manual_seed(1 + rank))
         with contextlib.redirect_stdout(sys.stderr):
-            ep1 = ExpertParallelMoEFFN(copy.deepcopy(layer), 1)
-            ep2 = ExpertParallelMoEFFN(copy.deepcopy(layer), 2)
+            ep1 = make_expert_parallel(copy.deepcopy(layer), 1)
+            ep2 = make_expert_parallel(copy.deepcopy(layer), 2)
         variants = OrderedDict([("EP=1 moeclip MoEFFN", layer), ("EP=1 DeepSpeed", ep1), ("EP=2 DeepSpeed", ep2)])
 
         with torch.no_grad():

@@ -339,8 +339,8 @@ def ep_section(ep: dict) -> list[str]:
          "torchrun, 2 processes, gloo, 1 torch thread each; one MoE layer (E 4, k 2, fp32, FFN 4d), every rank "
          "with the same weights and its half of the same global tokens; fwd+bwd. *EP=1 moeclip*: every rank "
          "holds all experts (`MoEFFN`, no communication inside the layer; what data parallelism runs). *EP=1 "
-         "DeepSpeed*: moeclip's `ExpertParallelMoEFFN` with ep_size 1 (DeepSpeed's layer, no all-to-all). "
-         "*EP=2*: `ExpertParallelMoEFFN` with ep_size 2 (2 experts per rank, 2 all-to-alls forward and 2 "
+         "DeepSpeed*: moeclip's `MoEFFN` on the expert-parallel backend with ep_size 1 (DeepSpeed's layer, no all-to-all). "
+         "*EP=2*: the expert-parallel backend with ep_size 2 (2 experts per rank, 2 all-to-alls forward and 2 "
          "backward). Time = the slower rank's wall clock (barrier before each step), best of "
          f"{ep['rows'][0].get('repeats', '?')} rounds; ratios are best over best; *CPU* = the larger "
          "rank's CPU time. The all-to-all is also timed alone, 4 times, at the buffer size the layer sends.", ""]

@@ -1,11 +1,11 @@
-"""Expert parallelism: an `MoEFFN` whose experts live on `deepspeed.moe.layer.MoE`, sharded over ranks.
+"""Expert parallelism: an experts backend for `MoEFFN` on `deepspeed.moe.layer.MoE`, sharded over ranks.
 
 DeepSpeed's layer brings the expert sharding, the all-to-all and the per-expert checkpoint files,
 but its gate drops tokens by capacity, samples the second expert and computes its own l_aux. So
 our `TopKRouter` routes (fp32 softmax, top-k, renormalised weights, no capacity limit) and a
-`ReplayGate` hands that decision to DeepSpeed in the form its `MOELayer` expects. The layer stays
-an `MoEFFN` (same `router`, `last_routing`, `last_mask`, `token_mask`), so `aux_losses`,
-`set_trainable` and the expert-usage analysis work on it unchanged.
+`ReplayGate` hands that decision to DeepSpeed in the form its `MOELayer` expects. Only the layer's
+`experts` change (LocalExperts <-> this backend); the layer, its router, `last_routing`, `token_mask`
+and the text padding hook stay, so `aux_losses`, `set_trainable` and the analysis work unchanged.
 
 Sharding and gathering happen in place on a model that all ranks hold whole, so a training loop
 can convert before `deepspeed.initialize` and convert back afterwards.
@@ -19,9 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moeclip.moe.layer import MoEFFN
+from moeclip.moe.layer import LocalExperts, MoEFFN
 from moeclip.moe.router import Routing
-from moeclip.moe.upcycle import TextPaddingMask
 
 DS_EXPERTS = "experts.deepspeed_moe.experts.deepspeed_experts"  # local experts, relative to the layer
 
@@ -57,7 +56,7 @@ class ReplayGate(nn.Module):
                 use_tutel: bool = False) -> tuple:
         routing, self.pending = self.pending, None
         if routing is None:
-            raise RuntimeError("ReplayGate called without a routing; call the ExpertParallelMoEFFN, not its experts")
+            raise RuntimeError("ReplayGate called without a routing; call the MoE layer, not its experts")
         if not sparse_routes or use_tutel:
             raise RuntimeError("ReplayGate supports DeepSpeed's sparse-route dispatch only (no tutel)")
         flat = routing.experts.reshape(-1)  # (token, slot) pairs, token-major
@@ -77,145 +76,135 @@ class ReplayGate(nn.Module):
                 locations.view(-1, k).t().to(torch.int32).contiguous(), routing.weights.t().float(), counts)
 
 
-class ExpertParallelMoEFFN(MoEFFN):
-    """`MoEFFN` with this rank's experts inside a DeepSpeed `MoE` (attribute `experts`).
+_BACKEND: type | None = None
 
-    Parameter names keep `router.` and `experts.` under the layer, so name-based selection
-    (`set_trainable`) is unchanged. When ep_size does not divide the expert count the layer is
-    padded with idle experts that the router never picks (frozen, dropped on gathering).
-    """
 
-    def __init__(self, layer: MoEFFN, ep_size: int) -> None:
-        nn.Module.__init__(self)  # MoEFFN's constructor builds local experts; this layer has remote ones
+def expert_parallel_experts_class() -> type:
+    """`ExpertParallelExperts`, made on first use: it is a DeepSpeed `MoE` (the engine finds expert parameters,
+    groups and checkpoint files by that type), and DeepSpeed is imported only by launches that use it."""
+    global _BACKEND
+    if _BACKEND is None:
         from deepspeed.moe.layer import MoE
 
-        self.router = layer.router
-        self.num_real_experts = layer.num_experts
-        padded = -(-layer.num_experts // ep_size) * ep_size
-        template = layer.experts[0]
-        self.experts = MoE(hidden_size=layer.router.proj.in_features, expert=template, num_experts=padded,
-                           ep_size=ep_size, k=layer.top_k, capacity_factor=1.0, eval_capacity_factor=1.0,
-                           min_capacity=0, noisy_gate_policy=None, drop_tokens=False, use_rts=False,
-                           top2_2nd_expert_sampling=False)
-        self.experts.deepspeed_moe.gate = ReplayGate(padded)
-        self.experts.set_deepspeed_parallelism()  # creates the expert groups now: we need our ep rank
-        group = self.experts.deepspeed_moe.ep_group
-        self.ep_rank = dist.get_rank(group) if ep_size > 1 else 0
-        self.token_mask = layer.token_mask
-        self.last_routing: Routing | None = None
-        self.last_mask: torch.Tensor | None = None
-        with torch.no_grad():
-            for i, local in enumerate(self.local_experts):
-                e = self.global_expert(i)
-                if e < self.num_real_experts:
-                    for (_, p), (_, src) in zip(local.named_parameters(), layer.experts[e].named_parameters()):
-                        p.copy_(src)
-                else:
-                    local.requires_grad_(False)
+        class ExpertParallelExperts(MoE):
+            """This rank's experts of one layer, inside DeepSpeed's `MoE`; same call as `LocalExperts`.
 
-    @property
-    def local_experts(self) -> nn.ModuleList:
-        return self.experts.deepspeed_moe.experts.deepspeed_experts
+            When ep_size does not divide the expert count the layer is padded with idle experts that the
+            router never picks (frozen, dropped on gathering).
+            """
 
-    @property
-    def num_local_experts(self) -> int:
-        return self.experts.num_local_experts
-
-    @property
-    def ep_size(self) -> int:
-        return self.experts.ep_size
-
-    @property
-    def ep_group(self) -> Any:
-        return self.experts.deepspeed_moe.ep_group
-
-    def global_expert(self, local: int) -> int:
-        return self.ep_rank * self.num_local_experts + local
-
-    @property
-    def num_experts(self) -> int:
-        return self.num_real_experts
-
-    @property
-    def c_fc(self) -> nn.Linear:
-        return self.local_experts[0].c_fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.reshape(-1, x.shape[-1])
-        routing = self.router(tokens)
-        self.last_routing = routing
-        self.last_mask = self._real_token_mask(x.shape[:-1], x.device)
-        self.experts.deepspeed_moe.gate.pending = routing
-        out, _, _ = self.experts(tokens)
-        return out.reshape(x.shape).to(x.dtype)
-
-    def to_moe_ffn(self) -> MoEFFN:
-        """Every rank gets every real expert (broadcast from its owner in the expert-parallel group)."""
-        group, nl = self.ep_group, self.num_local_experts
-        experts = []
-        for e in range(self.num_real_experts):
-            owner, local = divmod(e, nl)
-            module = copy.deepcopy(self.local_experts[local if owner == self.ep_rank else 0])
-            if self.ep_size > 1:
-                src = dist.get_global_rank(group, owner)
+            def __init__(self, local: LocalExperts, ep_size: int, top_k: int) -> None:
+                template = local.first_expert
+                padded = -(-len(local) // ep_size) * ep_size
+                super().__init__(hidden_size=template.c_fc.in_features, expert=template, num_experts=padded,
+                                 ep_size=ep_size, k=top_k, capacity_factor=1.0, eval_capacity_factor=1.0,
+                                 min_capacity=0, noisy_gate_policy=None, drop_tokens=False, use_rts=False,
+                                 top2_2nd_expert_sampling=False)
+                self.deepspeed_moe.gate = ReplayGate(padded)
+                self.set_deepspeed_parallelism()  # creates the expert groups now: we need our ep rank
+                self.num_real_experts = len(local)
+                self.local_dispatch = local.dispatch  # for the way back
+                self.ep_rank = dist.get_rank(self.ep_group) if ep_size > 1 else 0
                 with torch.no_grad():
-                    for p in module.parameters():
-                        buf = p.data.contiguous()
-                        dist.broadcast(buf, src=src, group=group)
-                        p.data.copy_(buf)
-            module.requires_grad_(True)
-            experts.append(module)
-        layer = MoEFFN(experts, self.router)
-        layer.token_mask = self.token_mask
-        return layer
+                    for i, mine in enumerate(self.local_experts):
+                        e = self.global_expert(i)
+                        if e < self.num_real_experts:
+                            for (_, p), (_, src) in zip(mine.named_parameters(), local[e].named_parameters()):
+                                p.copy_(src)
+                        else:
+                            mine.requires_grad_(False)
 
-    def extra_repr(self) -> str:
-        return (f"num_experts={self.num_real_experts}, top_k={self.top_k}, ep_size={self.ep_size}, "
-                f"ep_rank={self.ep_rank}, local_experts={self.num_local_experts}")
+            @property
+            def local_experts(self) -> nn.ModuleList:
+                return self.deepspeed_moe.experts.deepspeed_experts
+
+            @property
+            def first_expert(self) -> nn.Module:
+                return self.local_experts[0]
+
+            @property
+            def ep_group(self) -> Any:
+                return self.deepspeed_moe.ep_group
+
+            def global_expert(self, local: int) -> int:
+                return self.ep_rank * self.num_local_experts + local
+
+            def forward(self, tokens: torch.Tensor, routing: Routing) -> torch.Tensor:
+                self.deepspeed_moe.gate.pending = routing
+                out, _, _ = super().forward(tokens)
+                return out.to(tokens.dtype)
+
+            def to_local(self) -> LocalExperts:
+                """Every rank gets every real expert (broadcast from its owner in the expert-parallel group)."""
+                group, nl = self.ep_group, self.num_local_experts
+                experts = []
+                for e in range(self.num_real_experts):
+                    owner, local = divmod(e, nl)
+                    module = copy.deepcopy(self.local_experts[local if owner == self.ep_rank else 0])
+                    if self.ep_size > 1:
+                        src = dist.get_global_rank(group, owner)
+                        with torch.no_grad():
+                            for p in module.parameters():
+                                buf = p.data.contiguous()
+                                dist.broadcast(buf, src=src, group=group)
+                                p.data.copy_(buf)
+                    module.requires_grad_(True)
+                    experts.append(module)
+                return LocalExperts(experts, self.local_dispatch)
+
+            def extra_repr(self) -> str:
+                return (f"experts={self.num_real_experts}, ep_size={self.ep_size}, ep_rank={self.ep_rank}, "
+                        f"local_experts={self.num_local_experts}")
+
+        _BACKEND = ExpertParallelExperts
+    return _BACKEND
 
 
-def _replace_layers(model: nn.Module, convert) -> dict[int, nn.Module]:
-    """Apply `convert` to every MoE layer in place; re-point the text padding hook at the new layers."""
-    swapped: dict[int, nn.Module] = {}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, MoEFFN):
-            new = convert(name, module)
-            if new is not module:
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-                swapped[id(module)] = new
-    for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, TextPaddingMask):
-                hook.layers = [swapped.get(id(layer), layer) for layer in hook.layers]
-    return swapped
+def is_expert_parallel(layer: MoEFFN) -> bool:
+    return not isinstance(layer.experts, LocalExperts)
+
+
+def make_expert_parallel(layer: MoEFFN, ep_size: int) -> MoEFFN:
+    """Swap `layer`'s local experts for this rank's expert-parallel shard, in place; returns the layer.
+    Needs DeepSpeed's process groups (`deepspeed.init_distributed`; accelerate does it for a DeepSpeed launch)."""
+    if not is_expert_parallel(layer):
+        layer.experts = expert_parallel_experts_class()(layer.experts, ep_size, layer.top_k)
+    return layer
+
+
+def make_local(layer: MoEFFN) -> MoEFFN:
+    """Inverse of `make_expert_parallel`, in place (a collective: every rank of the group must call it)."""
+    if is_expert_parallel(layer):
+        layer.experts = layer.experts.to_local()
+    return layer
+
+
+def _layers(model: nn.Module) -> list[tuple[str, MoEFFN]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEFFN)]
 
 
 def shard_moe_layers(model: nn.Module, ep_size: int) -> dict[str, str | None]:
-    """Replace every `MoEFFN` by an `ExpertParallelMoEFFN` holding this rank's experts, in place.
+    """Every `MoEFFN` of `model` keeps only this rank's experts, on DeepSpeed's expert-parallel layer.
 
     Returns {old parameter name: new name, or None when that expert lives on another rank}, so
-    lists of parameter names (trainable sets) carry over. Needs DeepSpeed's process groups
-    (`deepspeed.init_distributed`; accelerate does it for a DeepSpeed launch).
+    lists of parameter names (trainable sets) carry over.
     """
     renames: dict[str, str | None] = {}
-
-    def convert(name: str, layer: MoEFFN) -> nn.Module:
-        if isinstance(layer, ExpertParallelMoEFFN):
-            return layer
-        new = ExpertParallelMoEFFN(layer, ep_size)
-        for e in range(layer.num_experts):
-            owner, local = divmod(e, new.num_local_experts)
-            for pname, _ in layer.experts[e].named_parameters():
-                renames[f"{name}.experts.{e}.{pname}"] = (f"{name}.{DS_EXPERTS}.{local}.{pname}"
-                                                         if owner == new.ep_rank else None)
-        return new
-
-    _replace_layers(model, convert)
+    for name, layer in _layers(model):
+        if is_expert_parallel(layer):
+            continue
+        local = layer.experts
+        make_expert_parallel(layer, ep_size)
+        nl = layer.experts.num_local_experts
+        for e in range(len(local)):
+            owner, i = divmod(e, nl)
+            for pname, _ in local[e].named_parameters():
+                renames[f"{name}.experts.{e}.{pname}"] = (f"{name}.{DS_EXPERTS}.{i}.{pname}"
+                                                         if owner == layer.experts.ep_rank else None)
     return renames
 
 
 def gather_moe_layers(model: nn.Module) -> None:
     """Inverse of `shard_moe_layers`, in place, on every rank (a collective: all ranks must call it)."""
-    _replace_layers(model, lambda _, layer: layer.to_moe_ffn() if isinstance(layer, ExpertParallelMoEFFN)
-                    else layer)
+    for _, layer in _layers(model):
+        make_local(layer)

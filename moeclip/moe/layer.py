@@ -1,8 +1,11 @@
 """A sparse MoE FFN that drops into an open_clip block in place of its dense `mlp`.
 
-It takes and returns one tensor of the block's shape, so open_clip's blocks need no change; the
-routing of the last forward stays on the module (`last_routing`, `last_mask`) for the auxiliary
-losses and for expert-usage analysis.
+One layer class: a router that decides, and an experts backend that computes. The backend is
+`LocalExperts` (every expert on this device, tokens moved by a dispatcher) or, during a DeepSpeed
+launch, the expert-parallel one of `moeclip.distributed` (experts sharded over ranks); both take
+`(tokens, routing)`, so routing, losses and analysis never depend on where the experts live.
+The layer takes and returns one tensor of the block's shape, so open_clip's blocks need no change;
+the routing of the last forward stays on the module (`last_routing`, `last_mask`).
 """
 from __future__ import annotations
 
@@ -15,20 +18,50 @@ from .dispatch import DISPATCHERS
 from .router import Routing, TopKRouter
 
 
+class LocalExperts(nn.ModuleList):
+    """Every expert on this device. Experts keep the dense mlp's submodule names (`c_fc`, activation,
+    `c_proj`), so an FFN weight set maps onto expert i by name: `...mlp.experts.{i}.c_fc.weight`."""
+
+    def __init__(self, experts: list[nn.Module], dispatch: str = "sorted") -> None:
+        super().__init__(experts)
+        self.dispatch = dispatch
+
+    @property
+    def dispatch(self) -> str:
+        return self._dispatch
+
+    @dispatch.setter
+    def dispatch(self, name: str) -> None:
+        if name not in DISPATCHERS:
+            raise ValueError(f"unknown dispatch {name!r}; expected one of {sorted(DISPATCHERS)}")
+        self._dispatch = name
+
+    @property
+    def first_expert(self) -> nn.Module:
+        return self[0]
+
+    def _run_expert(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
+        return self[index](tokens)
+
+    def forward(self, tokens: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """tokens [T, d] -> [T, d], every token through its k experts (dropless)."""
+        return DISPATCHERS[self._dispatch](tokens, routing, self._run_expert, len(self))
+
+    def extra_repr(self) -> str:
+        return f"dispatch={self._dispatch!r}"
+
+
 class MoEFFN(nn.Module):
-    """Router + `experts` that keep the dense mlp's submodule names (`c_fc`, activation, `c_proj`).
+    """Router + experts backend."""
 
-    Same names as the dense FFN mean an FFN weight set maps onto expert i by name:
-    `...mlp.experts.{i}.c_fc.weight` <-> dense `...mlp.c_fc.weight`.
-    """
-
-    def __init__(self, experts: list[nn.Module], router: TopKRouter, dispatch: str = "sorted") -> None:
+    def __init__(self, experts: list[nn.Module] | nn.Module, router: TopKRouter, dispatch: str = "sorted") -> None:
         super().__init__()
-        if len(experts) != router.num_experts:
+        if not isinstance(experts, nn.Module):
+            experts = LocalExperts(list(experts), dispatch)
+        if isinstance(experts, LocalExperts) and len(experts) != router.num_experts:
             raise ValueError(f"{len(experts)} experts but the router has {router.num_experts} outputs")
         self.router = router
-        self.experts = nn.ModuleList(experts)
-        self.dispatch = dispatch
+        self.experts = experts
         # Real-token mask [B, L] (False = padding), set per batch by the text tower's embedding hook.
         self.token_mask: torch.Tensor | None = None
         self.last_routing: Routing | None = None
@@ -50,7 +83,8 @@ class MoEFFN(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return len(self.experts)
+        """Experts the router chooses among (an expert-parallel backend may hold idle padding experts)."""
+        return self.router.num_experts
 
     @property
     def top_k(self) -> int:
@@ -59,17 +93,17 @@ class MoEFFN(nn.Module):
     @property
     def c_fc(self) -> nn.Linear:
         """open_clip reads `blocks[0].mlp.c_fc.weight.dtype` to pick its cast dtype; keep that working."""
-        return self.experts[0].c_fc
+        return self.experts.first_expert.c_fc
 
     @property
     def dispatch(self) -> str:
-        return self._dispatch
+        return getattr(self.experts, "dispatch", type(self.experts).__name__)
 
     @dispatch.setter
     def dispatch(self, name: str) -> None:
-        if name not in DISPATCHERS:
-            raise ValueError(f"unknown dispatch {name!r}; expected one of {sorted(DISPATCHERS)}")
-        self._dispatch = name
+        if not isinstance(self.experts, LocalExperts):
+            raise ValueError("dispatch applies to local experts; an expert-parallel layer moves tokens by all-to-all")
+        self.experts.dispatch = name
 
     def _real_token_mask(self, leading_shape: torch.Size, device: torch.device) -> torch.Tensor | None:
         """Flat [T] mask, or None when unset or set for another batch shape (e.g. a CoCa class token)."""
@@ -78,17 +112,13 @@ class MoEFFN(nn.Module):
             return None
         return mask.reshape(-1).to(device=device, dtype=torch.bool)
 
-    def _run_expert(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
-        return self.experts[index](tokens)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] -> [..., d]; every token goes through its k experts (dropless)."""
         tokens = x.reshape(-1, x.shape[-1])
         routing = self.router(tokens)
         self.last_routing = routing
         self.last_mask = self._real_token_mask(x.shape[:-1], x.device)
-        out = DISPATCHERS[self._dispatch](tokens, routing, self._run_expert, self.num_experts)
-        return out.reshape(x.shape)
+        return self.experts(tokens, routing).reshape(x.shape)
 
     def __getstate__(self) -> dict:
         """Per-batch state is transient; a routing still attached to a graph would break `copy.deepcopy`."""
@@ -97,4 +127,4 @@ class MoEFFN(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, dispatch={self._dispatch!r}"
+        return f"num_experts={self.num_experts}, top_k={self.top_k}"

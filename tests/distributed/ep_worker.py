@@ -58,10 +58,10 @@ def layer_check(num_experts: int, rank: int) -> dict:
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(99 + rank))
         ((y * g).sum() + aux["lb"] + 0.1 * aux["z"]).backward()
         out[name], losses[name] = (y.detach(), xi.grad), {k: float(v) for k, v in aux.items()}
-    r, e_layer = ref.transformer.mlp, ep.transformer.mlp
+    r, e_layer = ref.transformer.mlp, ep.transformer.mlp.experts  # the expert-parallel backend
     result = {"out": (out["ref"][0] - out["ep"][0]).abs().max().item(),
               "input_grad": (out["ref"][1] - out["ep"][1]).abs().max().item(),
-              "router_grad": (r.router.proj.weight.grad - e_layer.router.proj.weight.grad).abs().max().item(),
+              "router_grad": (r.router.proj.weight.grad - ep.transformer.mlp.router.proj.weight.grad).abs().max().item(),
               "lb": abs(losses["ref"]["lb"] - losses["ep"]["lb"]), "z": abs(losses["ref"]["z"] - losses["ep"]["z"]),
               "expert_grad": 0.0, "experts_checked": []}
     for e in range(num_experts):
@@ -89,14 +89,16 @@ def record_first_grads(out: Path) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from moeclip.distributed.engine import DeepSpeedBackend
-    from moeclip.distributed.expert_parallel import DS_EXPERTS, ExpertParallelMoEFFN
+    from moeclip.distributed.expert_parallel import DS_EXPERTS, is_expert_parallel
+    from moeclip.moe import MoEFFN
 
     step = DeepSpeedBackend.step
 
     def recording_step(self, params, grad_clip, optimizer):
         if self.engine.global_steps == 0:
             model, grads = self.engine.module, {}
-            owners = {name: m for name, m in model.named_modules() if isinstance(m, ExpertParallelMoEFFN)}
+            owners = {name: m.experts for name, m in model.named_modules()
+                      if isinstance(m, MoEFFN) and is_expert_parallel(m)}
             for name, p in model.named_parameters():
                 if not p.requires_grad:
                     continue
