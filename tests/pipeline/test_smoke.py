@@ -56,3 +56,30 @@ def test_dmu_smoke_end_to_end(tmp_path):
     bad = subprocess.run([*cmd, f"output_dir={tmp_path / 'bad'}", f"mcl_dir={out / 'mcl'}", "mcl.train.lr=0.5"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "config.train.lr" in bad.stderr, bad.stderr[-2000:]  # accelerate exits 1
+
+
+@pytest.mark.slow
+def test_dmu_smoke_two_processes_plain_ddp(tmp_path):
+    """The smoke pipeline on 2 CPU processes with plain DDP (the shipped ddp2.yaml) gives the 1-process report
+    within noise: same data, same global batches, features gathered, gradients averaged."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    accelerate = Path(sys.executable).parent / "accelerate"
+    data = tmp_path / "data"
+    common = [str(REPO / "recipes" / "dmu.py"), "--config", str(REPO / "recipes" / "configs" / "smoke.yaml"),
+              f"data.train={data}/train.csv", f"data.val={data}/val.csv", f"data.synth.out={data}",
+              f"base={REPO / 'checkpoints' / 'base-tiny'}", "baselines.dmu_router_experts=false"]
+    reports = {}
+    for name, launch in (("one", ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                                  "--dynamo_backend", "no"]),
+                         ("ddp", ["--config_file", str(REPO / "recipes" / "accelerate" / "ddp2.yaml"),
+                                  "--main_process_port", "0"])):
+        run = subprocess.run([str(accelerate), "launch", *launch, *common, f"output_dir={tmp_path / name}"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    one, ddp = reports["one"]["models"], reports["ddp"]["models"]
+    assert set(one) == set(ddp) == {"base", "mcl_stage_1", "mcl_stage_2", "dmu", "upcycle", "dense_ft"}
+    for model in one:  # 128 val pairs: one item is 0.0078 of a recall
+        for key in ("image_to_text_R@1", "text_to_image_R@1", "mean_R@1"):
+            assert abs(one[model][key] - ddp[model][key]) <= 0.016, (model, key, one[model][key], ddp[model][key])
+    assert reports["ddp"]["budgets"] == reports["one"]["budgets"]
