@@ -49,8 +49,9 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
     paths, first_rows, image_of_row = unique_first([r["_path"] for r in ds.rows])
     captions, _, caption_of_row = unique_first(ds.captions)
 
+    read_skips = Counter(ds.skips.counts)  # found while reading the table: every rank found the same
     feats, loaded = sharded_image_features(model, ds, first_rows.tolist(), batch_size, rt, num_workers, progress)
-    skipped = _all_skips(rt, ds.skips.counts)
+    skipped = _all_skips(rt, read_skips, ds.skips.counts - read_skips)
     loaded_img = np.flatnonzero(loaded.numpy())
     if loaded_img.size == 0:
         raise DataError(f"{table}: no image could be read ({ds.skips.summary()})")
@@ -87,10 +88,11 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
     return metrics
 
 
-def _all_skips(runtime: Runtime, counts: Counter) -> dict[str, int]:
-    """Each rank read only its share of the images: add up what every rank skipped."""
-    total: Counter = Counter()
-    for c in runtime.gather_objects(dict(counts)):
+def _all_skips(runtime: Runtime, read: Counter, loading: Counter) -> dict[str, int]:
+    """Table rows skipped once (every rank read the whole table) plus the images each rank failed to load
+    (each rank loaded only its share)."""
+    total = Counter(read)
+    for c in runtime.gather_objects(dict(loading)):
         total.update(c)
     return dict(sorted(total.items()))
 
