@@ -7,6 +7,7 @@ import pytest
 from moeclip.config import ConfigError, load_config
 from moeclip.pipeline.common import load_base
 from moeclip.pipeline.dmu import DMUConfig
+from moeclip.pipeline.finetune import FinetuneConfig
 from moeclip.train.mcl_stages import _stretch_setting
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +30,7 @@ def test_without_the_key_nothing_changes():
     cfg = load_config(DMUConfig, CONFIGS / "smoke.yaml", [f"base={REPO / 'checkpoints' / 'base-tiny'}"])
     model, _, tokenizer = load_base(cfg.base, cfg.model)
     assert tokenizer(["a caption"]).shape == (1, 20) and _stretch_setting(model) == {}
+    assert load_config(FinetuneConfig, CONFIGS / "finetune.yaml").model.context_length is None
 
 
 def test_bad_values_are_named():
