@@ -62,9 +62,10 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def model_reference(name_or_path: str | os.PathLike) -> str:
-    """What `moeclip search` will load: an absolute path for a model folder, else the name as given."""
+    """What `moeclip search` will load: an absolute path for a model folder or a CLIP-MoE .pt file (so a search
+    from another folder finds it), else the name as given."""
     p = Path(name_or_path)
-    return str(p.resolve()) if p.is_dir() else str(name_or_path)
+    return str(p.resolve()) if p.is_dir() or p.is_file() else str(name_or_path)
 
 
 def _start(out: Path, key: dict[str, Any]) -> dict[str, Any] | None:
