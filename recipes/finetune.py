@@ -1,4 +1,4 @@
-"""Fine-tune an existing MoE CLIP (a moeclip MoE model directory or a CLIP-MoE .pt release) on your own data:
+r"""Fine-tune an existing MoE CLIP (a moeclip MoE model directory or a CLIP-MoE .pt release) on your own data:
 the router fine-tuning step alone, then a before/after report on data.val.
 
     accelerate launch recipes/finetune.py [--config recipes/configs/finetune.yaml] base=FILE.pt \

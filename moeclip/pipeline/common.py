@@ -100,6 +100,9 @@ def run_guarded(main: Callable[[], object]) -> None:
     from moeclip.train.dist import finish
     try:
         main()
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed; no traceback
+        finish(e.code if isinstance(e.code, int) else 1)
+        return
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         if os.environ.get("MOECLIP_DEBUG"):
             traceback.print_exc()

@@ -81,3 +81,13 @@ def test_dense_base_and_misplaced_top_k_are_refused(tmp_path, corpus, micro_dir)
         run_finetune(FinetuneConfig(base=str(micro_dir), output_dir=str(tmp_path / "x"), data=data))
     with pytest.raises(ConfigError, match="top_k=2: applies to a CLIP-MoE .pt base"):
         run_finetune(FinetuneConfig(base=str(micro_dir), top_k=2, output_dir=str(tmp_path / "y"), data=data))
+
+
+def test_help_and_usage_errors_exit_cleanly():
+    """argparse's exits (--help 0, a usage error 2) are not crashes: no traceback, their own exit code."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    script = str(REPO / "recipes" / "finetune.py")
+    ok = subprocess.run([sys.executable, script, "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "base=FILE.pt" in ok.stdout and "Traceback" not in ok.stderr
+    bad = subprocess.run([sys.executable, script, "--bogus"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr and "Traceback" not in bad.stderr
