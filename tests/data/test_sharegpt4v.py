@@ -3,7 +3,6 @@ that opens a data file (evaluation, `moeclip eval`, expert analysis, search inde
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 import moeclip
