@@ -72,6 +72,40 @@ def test_finetune_recipe_reports_and_resumes(tmp_path, corpus):
     assert again["before"] == report["before"] and again["after"] == report["after"]
 
 
+@pytest.mark.slow
+def test_a_clip_moe_release_file_is_a_base(tmp_path, corpus):
+    """A CLIP-MoE .pt (the authors' layout, 248 positions) fine-tunes in-process; the result is a moeclip directory
+    with the file's shape, the chosen top-k, and a before/after report."""
+    import importlib.util
+
+    import torch
+
+    from moeclip.pipeline.common import DataConfig
+    from moeclip.pipeline.finetune import FinetuneConfig, run_finetune
+    from moeclip.train.loop import TrainConfig
+    from moeclip.train.moe_finetune import MoEFinetuneConfig
+    spec = importlib.util.spec_from_file_location("layout_test", REPO / "tests" / "model" / "test_clip_moe_layout.py")
+    layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layout)
+    pt = tmp_path / "clip-moe-tiny.pt"
+    torch.save(layout.make_state(), pt)
+    # the table away from its images and factors.json (the factor probe's 248-token prompts take a minute here):
+    # data.image_root says where the images are
+    val = tmp_path / "elsewhere" / "val.csv"
+    val.parent.mkdir()
+    val.write_text(corpus["val"].read_text())
+    cfg = FinetuneConfig(base=str(pt), top_k=1, output_dir=str(tmp_path / "ft"), eval_batch=64,
+                         data=DataConfig(train=str(corpus["train"]), val=str(val), cache_mb=0,
+                                         image_root=str(corpus["val"].parent)),
+                         finetune=MoEFinetuneConfig(train=TrainConfig(steps=2, global_batch=32, warmup_steps=1,
+                                                                      ckpt_every=2)))
+    report = run_finetune(cfg)
+    assert report["better"] in ("after", "before", "tie") and report["finetune"]["mode"] == "router"
+    assert report["before"]["num_images"] == 64 and report["before"]["skipped"] == {}
+    saved = json.loads((tmp_path / "ft" / "model" / "config.json").read_text())
+    assert saved["moe"]["top_k"] == 1 and saved["model_cfg"]["text_cfg"]["context_length"] == 248
+
+
 def test_dense_base_and_misplaced_top_k_are_refused(tmp_path, corpus, micro_dir):
     from moeclip.config import ConfigError
     from moeclip.pipeline.finetune import FinetuneConfig, run_finetune
