@@ -127,6 +127,10 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
              f"Base `{report['base']}`, trained on `{report['data']['train']}` ({ft.get('mode')}, "
              f"{ft.get('steps')} steps, {ft.get('samples')} samples, {ft.get('seconds')} s).", "",
              "| metric | before | after | change |", "|---|---|---|---|"]
+    stretched = report["config"]["model"]["context_length"]
+    if stretched:
+        lines[-2:-2] = [f"'Before' is the base with its text context stretched to {stretched} positions "
+                        "(model.context_length), untrained on them; the base as published was not evaluated.", ""]
     for k in COMPARED:
         if k in change:
             mark = " (better)" if change[k] > 0 else " (worse)" if change[k] < 0 else ""
