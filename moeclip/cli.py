@@ -62,10 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="retrieval R@1/5/10, zero-shot accuracy and per-factor probe on a CSV/TSV")
     e.add_argument("--model", required=True, help="moeclip model directory, or open_clip 'ARCH:TAG'")
     e.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file (with an ARCH)")
-    e.add_argument("--data", required=True, help="CSV/TSV with filepath,title columns, or a COCO/Flickr "
-                   "Karpathy-split caption .json")
+    e.add_argument("--data", required=True, help="CSV/TSV with filepath,title columns, a COCO/Flickr "
+                   "Karpathy-split caption .json, or a ShareGPT4V caption .json")
     e.add_argument("--split", default="test", help="Karpathy split to evaluate (.json data; default test)")
-    e.add_argument("--image-root", default=None, help="folder of the Karpathy JSON's images (default: its folder)")
+    e.add_argument("--image-root", default=None, help="folder the data's relative image paths start from "
+                   "(default: the data file's folder)")
     e.add_argument("--out", default=None, help="write metrics JSON here")
     e.add_argument("--class-column", default=None, help="column holding class names for zero-shot accuracy")
     e.add_argument("--template", action="append", help="prompt template with {} (repeatable)")

@@ -81,7 +81,7 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
                 return _coerce(arg, value, where, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{where}: '{key}' = {value!r} fits none of {tp}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: '{key}' = {value!r} fits none of {tp}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")

@@ -12,7 +12,7 @@ def cmd_experts(args: argparse.Namespace) -> None:
     model, preprocess, tokenizer = load(args.model, pretrained=args.pretrained, device=runtime.device)
     result = analyse_experts(model, preprocess, tokenizer, args.data, group_by=args.group_by,
                              max_rows=args.max_rows, batch_size=args.batch_size, runtime=runtime,
-                             split=args.split)
+                             split=args.split, image_root=args.image_root)
     result["model"] = str(args.model)
     written = write_expert_report(result, args.out)
     for layer in result["layers"]:
@@ -29,7 +29,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser("experts", help="expert usage of an MoE model on a captioned table (JSON, heatmaps, markdown)")
     x.add_argument("--model", required=True, help="moeclip MoE model directory")
     x.add_argument("--pretrained", default=None)
-    x.add_argument("--data", required=True, help="CSV/TSV with filepath,title columns (or Karpathy .json)")
+    x.add_argument("--data", required=True, help="CSV/TSV with filepath,title columns (or a Karpathy or "
+                   "ShareGPT4V caption .json)")
+    x.add_argument("--image-root", default=None, help="folder the data's relative image paths start from "
+                   "(default: the data file's folder)")
     x.add_argument("--split", default="test", help="Karpathy split (.json data only; default test)")
     x.add_argument("--group-by", default=None,
                    help="column to break usage down by (a class, a factor such as colour, a cluster label)")

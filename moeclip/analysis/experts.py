@@ -28,12 +28,12 @@ log = logging.getLogger(__name__)
 MAX_PLOTTED_GROUPS = 40
 
 
-def open_table(table: str | Path | CaptionDataset, transform: Callable | None,
-               split: str = "test") -> CaptionDataset:
+def open_table(table: str | Path | CaptionDataset, transform: Callable | None, split: str = "test",
+               image_root: str | Path | None = None) -> CaptionDataset:
     if isinstance(table, CaptionDataset):
         return table
-    from moeclip.data.karpathy import KarpathyDataset, is_karpathy
-    return KarpathyDataset(table, transform, split=split) if is_karpathy(table) else CaptionDataset(table, transform)
+    from moeclip.data.formats import open_dataset
+    return open_dataset(table, transform, split=split, image_root=image_root)
 
 
 def _sample_of_token(model: nn.Module, tower: str, num_tokens: int, batch: int) -> torch.Tensor:
@@ -51,18 +51,20 @@ def _sample_of_token(model: nn.Module, tower: str, num_tokens: int, batch: int) 
 def analyse_experts(model: nn.Module, preprocess: Callable, tokenizer: Callable,
                     table: str | Path | CaptionDataset, group_by: str | None = None, max_rows: int = 2048,
                     batch_size: int = 64, runtime: Runtime | None = None, progress: bool = True,
-                    null_permutations: int = 20, split: str = "test") -> dict[str, Any]:
+                    null_permutations: int = 20, split: str = "test",
+                    image_root: str | Path | None = None) -> dict[str, Any]:
     """Per tower x MoE layer: expert load, top-1 share, mean router probability, routing entropy, load CV,
     co-selection matrix; with `group_by`, expert share per group and MI(group; expert) against chance.
 
-    table: CSV/TSV (or Karpathy .json, `split`) path, or an open CaptionDataset; the first `max_rows` rows.
+    table: CSV/TSV, Karpathy .json (`split`) or ShareGPT4V .json path (relative images from `image_root`), or an
+    open CaptionDataset; the first `max_rows` rows.
     """
     layers = moe_layers(model)
     if not layers:
         raise ValueError("the model has no MoE layers; expert analysis needs an MoE model (see moeclip.upcycle)")
     rt = runtime or Runtime.local()
     model = model.to(rt.device).eval()
-    ds = open_table(table, preprocess, split)
+    ds = open_table(table, preprocess, split, image_root)
     rows = ds.rows[:max_rows] if max_rows else ds.rows
     if group_by is not None and group_by not in rows[0]:
         cols = [c for c in rows[0] if not c.startswith("_")]

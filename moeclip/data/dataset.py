@@ -85,12 +85,14 @@ class CaptionDataset(torch.utils.data.Dataset):
     """One item per (image, caption) row; several rows may share an image."""
 
     def __init__(self, table: str | Path, transform: Callable | None = None, img_key: str = "filepath",
-                 caption_key: str = "title", max_caption_chars: int = 1000, cache_mb: float = 0) -> None:
+                 caption_key: str = "title", max_caption_chars: int = 1000, cache_mb: float = 0,
+                 image_root: str | Path | None = None) -> None:
+        """image_root: the folder relative image paths resolve against (default: the table's folder)."""
         self.table = Path(table)
         self.transform = transform
         self.set_cache(cache_mb)
         self.skips = SkipLog()
-        root = self.table.parent
+        root = Path(image_root) if image_root is not None else self.table.parent
         self.rows: list[dict[str, str]] = []
         seen: set[tuple[str, str]] = set()
         self.duplicate_rows = 0

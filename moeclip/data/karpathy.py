@@ -37,7 +37,8 @@ def read_karpathy(path: str | Path, split: str = "test", image_root: str | Path 
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise DataError(f"{path}: no 'images' list; expected Karpathy-split JSON "
-                        '({"images": [{"filename", "split", "sentences": [{"raw"}]}]})')
+                        '({"images": [{"filename", "split", "sentences": [{"raw"}]}]}) or ShareGPT4V JSON '
+                        '([{"image", "conversations"}])')
     root = Path(image_root) if image_root is not None else path.parent
     skips = skips if skips is not None else SkipLog()
     rows: list[dict[str, str]] = []
@@ -106,5 +107,7 @@ def _ids(values: list[str]) -> torch.Tensor:
 
 
 def is_karpathy(path: str | Path) -> bool:
-    """`--data` routing: a `.json` file is read as Karpathy-split captions."""
-    return Path(path).suffix.lower() == ".json"
+    """`--data` routing: a `.json` file is read as Karpathy-split captions unless its top level is a list
+    (ShareGPT4V, `moeclip.data.sharegpt4v`)."""
+    from moeclip.data.sharegpt4v import is_sharegpt4v
+    return Path(path).suffix.lower() == ".json" and not is_sharegpt4v(path)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from moeclip import io
-from moeclip.data.dataset import CaptionDataset, DataError
-from moeclip.data.karpathy import KarpathyDataset, is_karpathy
+from moeclip.data.dataset import DataError
+from moeclip.data.formats import data_format, open_dataset
 from moeclip.eval.probe import factor_probe
 from moeclip.eval.retrieval import retrieval_metrics
 from moeclip.model.encode import encode_texts, sharded_image_features, sharded_text_features, unique_first
@@ -34,7 +34,8 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
              factors: dict[str, Any] | None = None, batch_size: int = 256, runtime: Runtime | None = None,
              num_workers: int = 0, progress: bool = True, split: str = "test",
              image_root: str | Path | None = None) -> dict[str, Any]:
-    """`table`: CSV/TSV, or a Karpathy-split caption JSON (`split`, `image_root` apply to that only).
+    """`table`: CSV/TSV, a Karpathy-split caption JSON (`split` applies to that only) or a ShareGPT4V JSON;
+    relative image paths start at `image_root` (default: the file's folder).
 
     Collective under a multi-rank runtime: every rank encodes its share of the images and captions on its
     device (under the runtime's autocast), the features are gathered, and every rank returns the same
@@ -42,10 +43,7 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
     """
     rt = runtime or Runtime.local()
     model = model.to(rt.device).eval()
-    if is_karpathy(table):
-        ds: CaptionDataset = KarpathyDataset(table, preprocess, split=split, image_root=image_root)
-    else:
-        ds = CaptionDataset(table, preprocess)
+    ds = open_dataset(table, preprocess, split=split, image_root=image_root)
     paths, first_rows, image_of_row = unique_first([r["_path"] for r in ds.rows])
     captions, _, caption_of_row = unique_first(ds.captions)
 
@@ -73,7 +71,7 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
     if class_column:
         metrics["zeroshot"] = zero_shot(model, tokenizer, image_features,
                                         [r[class_column] for r in rows_of_image], templates, rt)
-    if factors is None and not is_karpathy(table):
+    if factors is None and data_format(table) == "table":
         factors = find_factors(table)
     if factors:
         missing = [f for f in factors["factors"] if f not in ds.rows[0]]

@@ -85,7 +85,14 @@ def preprocess_for(model: nn.Module) -> Callable:
 
 
 def tokenizer_for(arch: str, model_cfg: dict[str, Any]) -> Tokenizer:
+    """The tokenizer of `text_cfg.context_length` tokens (a stretched model's config says its new length)."""
     ctx = model_cfg.get("text_cfg", {}).get("context_length")
     if open_clip.get_model_config(arch) is not None:
         return open_clip.get_tokenizer(arch, context_length=ctx)
     return open_clip.SimpleTokenizer(context_length=ctx or 77)
+
+
+def model_tokenizer(model: nn.Module) -> Tokenizer:
+    """The tokenizer for a model built or loaded by moeclip, from the config it remembers (`model.moeclip_arch`)."""
+    arch = model.moeclip_arch
+    return tokenizer_for(arch["arch"], arch["model_cfg"])

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
 
+from torch import nn
+
 from moeclip.data.synth import SynthSpec, write_corpus
 
 log = logging.getLogger(__name__)
@@ -24,10 +26,40 @@ class SynthConfig:
 
 @dataclass
 class DataConfig:
+    """train/val: CSV/TSV tables, ShareGPT4V caption JSON, or (val) Karpathy-split JSON."""
     train: str = "data/synth/train.csv"
     val: str = "data/synth/val.csv"
+    # folder relative image paths start from, for train and val (None = each data file's own folder)
+    image_root: str | None = None
     cache_mb: float = 1024  # transformed training images kept in memory per process (0 = decode every time)
     synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ModelConfig:
+    """What to change in the base model right after loading it, before any step uses it."""
+    # stretch the text tower to this many positions, Long-CLIP style (e.g. 248 for ShareGPT4V's long captions);
+    # None = the base's own context. The tokenizer and every saved model follow (moeclip.model.context)
+    context_length: int | None = None
+
+
+def load_base(name: str, model_cfg: ModelConfig, top_k: int | None = None) -> tuple[nn.Module, Callable, Callable]:
+    """(model, preprocess, tokenizer) of a recipe's base, stretched when `model.context_length` asks for it, so
+    every later step (MCL, fine-tuning, baselines, evaluation, analysis) sees one model shape and one tokenizer."""
+    from moeclip.loader import load
+    from moeclip.model.context import stretch_context
+    from moeclip.model.factory import model_tokenizer
+    model, preprocess, tokenizer = load(name, top_k=top_k)
+    if model_cfg.context_length is not None:
+        stretch_context(model, model_cfg.context_length)
+        tokenizer = model_tokenizer(model)
+    return model, preprocess, tokenizer
+
+
+def open_train_data(data: DataConfig, preprocess: Callable):
+    """The training dataset, any supported format (a Karpathy file trains on its `train` split)."""
+    from moeclip.data.formats import open_dataset
+    return open_dataset(data.train, preprocess, split="train", image_root=data.image_root, cache_mb=data.cache_mb)
 
 
 def ensure_data(data: DataConfig, is_main: bool = True) -> None:
@@ -68,6 +100,9 @@ def run_guarded(main: Callable[[], object]) -> None:
     from moeclip.train.dist import finish
     try:
         main()
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed; no traceback
+        finish(e.code if isinstance(e.code, int) else 1)
+        return
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         if os.environ.get("MOECLIP_DEBUG"):
             traceback.print_exc()

@@ -19,11 +19,13 @@ from torch import nn
 from moeclip import io
 from moeclip.config import to_dict
 from moeclip.data.dataset import CaptionDataset
-from moeclip.eval.evaluate import evaluate, find_factors
+from moeclip.data.formats import data_format
+from moeclip.eval.evaluate import find_factors
 from moeclip.loader import load, save_model_dir
 from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
 from moeclip.moe import upcycle
-from moeclip.pipeline.common import DataConfig, ensure_data
+from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, load_base, open_train_data
+from moeclip.pipeline.evaluator import Evaluator
 from moeclip.analysis import analyse_experts, write_expert_report
 from moeclip.pipeline.report import write_report
 from moeclip.runtime import Runtime
@@ -70,6 +72,7 @@ class DMUConfig:
     # expert analysis of the final model (`moeclip experts`); "auto" groups by the base's weakest factor
     experts_group_by: str | None = "auto"
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # e.g. model.context_length=248 for long captions
     mcl: MCLConfig = field(default_factory=MCLConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     router_ft: MoEFinetuneConfig = field(default_factory=MoEFinetuneConfig)
@@ -85,11 +88,11 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     ensure_data(cfg.data, main)
     runtime.barrier()
     torch.manual_seed(cfg.seed)
-    base, preprocess, tokenizer = load(cfg.base)
-    train_ds = CaptionDataset(cfg.data.train, preprocess, cache_mb=cfg.data.cache_mb)
-    factors = find_factors(cfg.data.train)
+    base, preprocess, tokenizer = load_base(cfg.base, cfg.model)  # stretched once, here: every step sees it
+    train_ds = open_train_data(cfg.data, preprocess)
+    factors = find_factors(cfg.data.train) if data_format(cfg.data.train) == "table" else None
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
-    evals = _Evaluator(out / "evals", preprocess, tokenizer, cfg, runtime)
+    evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root)
 
     mcl_dir = Path(cfg.mcl_dir) if cfg.mcl_dir else out / "mcl"
     experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, mcl_dir, runtime, cfg.seed, factor_columns)
@@ -183,7 +186,7 @@ def _analyse(model: nn.Module, preprocess: Callable, tokenizer: Callable, cfg: D
         factors = base_metrics.get("factors") or {}
         group = min(factors, key=factors.get) if factors else None
     result = analyse_experts(model, preprocess, tokenizer, cfg.data.val, group_by=group, progress=False,
-                             runtime=runtime)
+                             runtime=runtime, image_root=cfg.data.image_root)
     paths = write_expert_report(result, out / "experts")
     usage = [{k: layer[k] for k in ("tower", "block", "load", "top1", "load_cv")}
              | ({"mi_bits": layer["groups"]["mi_bits"], "mi_null_p95_bits": layer["groups"]["mi_null_p95_bits"]}
@@ -231,26 +234,3 @@ def _finetune_once(model: nn.Module, ds: CaptionDataset, tokenizer: Callable, ft
                        extra={**extra, "finetune": {**summary, "mode": ft.mode, "history": result["history"]}})
     runtime.barrier()
     return summary
-
-
-class _Evaluator:
-    """Evaluates each named model once, sharded over every rank on its accelerator, and caches the metrics."""
-
-    def __init__(self, root: Path, preprocess: Callable, tokenizer: Callable, cfg: DMUConfig,
-                 runtime: Runtime) -> None:
-        self.root, self.preprocess, self.tokenizer, self.cfg, self.runtime = root, preprocess, tokenizer, cfg, runtime
-        self.results: dict[str, Any] = {}
-
-    def __call__(self, name: str, make_model: Callable[[], nn.Module]) -> None:
-        path = self.root / f"{name}.json"
-        if not path.exists():  # every rank sees the same: files appear only behind the barrier below
-            model = make_model()
-            metrics = evaluate(model, self.preprocess, self.tokenizer, self.cfg.data.val,
-                               batch_size=self.cfg.eval_batch, progress=False, runtime=self.runtime)
-            del model
-            if self.runtime.is_main:
-                io.write_json(path, metrics)
-                log.info("%s: mean R@1 %.1f", name, 100 * metrics["mean_R@1"])
-        self.runtime.barrier()
-        if self.runtime.is_main:
-            self.results[name] = io.read_json(path)

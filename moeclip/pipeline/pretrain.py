@@ -9,11 +9,10 @@ import torch
 
 from moeclip import io
 from moeclip.config import to_dict
-from moeclip.data.dataset import CaptionDataset
 from moeclip.eval.evaluate import evaluate, format_table
 from moeclip.loader import save_model_dir
 from moeclip.model.factory import build_dense, preprocess_for, tokenizer_for
-from moeclip.pipeline.common import DataConfig, ensure_data
+from moeclip.pipeline.common import DataConfig, ensure_data, open_train_data
 from moeclip.train.dist import DistributedConfig, make_runtime
 from moeclip.train.loop import TrainConfig, train
 
@@ -38,11 +37,12 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     model = build_dense(cfg.arch)
     preprocess, tokenizer = preprocess_for(model), tokenizer_for(cfg.arch, model.moeclip_arch["model_cfg"])
     out = Path(cfg.output_dir)
-    ds = CaptionDataset(cfg.data.train, preprocess, cache_mb=cfg.data.cache_mb)
+    ds = open_train_data(cfg.data, preprocess)
     cfg.train.seed = cfg.seed
     result = train(model, ds, tokenizer, cfg.train, out / "train", runtime,
                    trainable=[n for n, _ in model.named_parameters()], desc="pretrain")
-    metrics = evaluate(model.eval(), preprocess, tokenizer, cfg.data.val, progress=False, runtime=runtime)
+    metrics = evaluate(model.eval(), preprocess, tokenizer, cfg.data.val, progress=False, runtime=runtime,
+                       image_root=cfg.data.image_root)
     if runtime.is_main:
         save_model_dir(model, out / "model", extra={"trained_by": "recipes/pretrain.py", "config": to_dict(cfg),
                                                     "val_metrics": metrics})

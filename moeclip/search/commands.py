@@ -11,7 +11,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     model, preprocess, _ = load(args.model, pretrained=args.pretrained, device=args.device)
     info = build_index(model, preprocess, args.images, args.out, model_reference(args.model),
                        pretrained=args.pretrained, batch_size=args.batch_size, device=args.device,
-                       num_workers=args.workers, commit_every=args.commit_every, limit=args.limit)
+                       num_workers=args.workers, commit_every=args.commit_every, limit=args.limit,
+                       image_root=args.image_root)
     skipped = info["skipped"]
     speed = f", {info['images_per_second']:.1f} images/s" if info.get("images_per_second") else ""
     if info["complete"]:
@@ -44,7 +45,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("index", help="embed a folder (or CSV) of images into a resumable search index")
     i.add_argument("--model", required=True, help="moeclip model directory, or open_clip 'ARCH:TAG'")
     i.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file (with an ARCH)")
-    i.add_argument("--images", required=True, help="folder (searched recursively) or CSV/TSV with a filepath column")
+    i.add_argument("--images", required=True, help="folder (searched recursively), CSV/TSV with a filepath column, "
+                   "or a ShareGPT4V / Karpathy caption .json")
+    i.add_argument("--image-root", default=None, help="folder a table's or JSON's relative image paths start from "
+                   "(default: its folder)")
     i.add_argument("--out", required=True, help="index folder (re-running continues an unfinished one)")
     i.add_argument("--batch-size", type=int, default=64)
     i.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")

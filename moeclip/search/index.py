@@ -62,9 +62,10 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def model_reference(name_or_path: str | os.PathLike) -> str:
-    """What `moeclip search` will load: an absolute path for a model folder, else the name as given."""
+    """What `moeclip search` will load: an absolute path for a model folder or a CLIP-MoE .pt file (so a search
+    from another folder finds it), else the name as given."""
     p = Path(name_or_path)
-    return str(p.resolve()) if p.is_dir() else str(name_or_path)
+    return str(p.resolve()) if p.is_dir() or p.is_file() else str(name_or_path)
 
 
 def _start(out: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -93,10 +94,12 @@ def _start(out: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 def build_index(model: nn.Module, preprocess: Callable, images: str | os.PathLike, out: str | os.PathLike,
                 model_ref: str, pretrained: str | None = None, batch_size: int = 64,
                 device: str | torch.device | None = None, num_workers: int = 0, commit_every: int = 8,
-                limit: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Embed every image of `images` (folder or table) into the index folder `out`, resuming if it can.
+                limit: int | None = None, progress: bool = True,
+                image_root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Embed every image of `images` (folder, table or caption JSON) into the index folder `out`, resuming if it can.
 
     model_ref: how to load the model again at search time (see `model_reference`).
+    image_root: where a table's or JSON's relative image paths start (default: its folder).
     limit: embed at most this many more source images, then stop (the index stays resumable).
     Returns the index metadata (`complete` False if stopped early) with this run's speed.
     """
@@ -111,7 +114,7 @@ def build_index(model: nn.Module, preprocess: Callable, images: str | os.PathLik
     if state:
         sources = io.read_json(out / SOURCES)
     else:
-        sources = list_images(images)
+        sources = list_images(images, image_root=image_root)
         io.write_json(out / SOURCES, sources)
         state = {**key, "num_sources": len(sources), "next": 0, "rows": 0, "manifest_bytes": 0,
                  "dim": None, "skipped": []}

@@ -1,4 +1,5 @@
-"""Which images an index covers: every image file under a folder, or the `filepath` column of a table.
+"""Which images an index covers: every image file under a folder, the `filepath` column of a table, or the
+images of a caption JSON (ShareGPT4V, Karpathy).
 
 The list is fixed when an index starts (saved as `sources.json`), so a resumed run walks exactly the
 same files in the same order even if the folder changed meanwhile.
@@ -13,9 +14,10 @@ from moeclip.data.dataset import DataError, read_table
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-def list_images(source: str | Path, img_key: str = "filepath") -> list[str]:
-    """Absolute image paths: a folder (recursive, sorted, common extensions) or a CSV/TSV's `img_key`
-    column (relative paths resolve against the table's folder; repeated images are kept once)."""
+def list_images(source: str | Path, img_key: str = "filepath", image_root: str | Path | None = None) -> list[str]:
+    """Absolute image paths: a folder (recursive, sorted, common extensions), a CSV/TSV's `img_key` column, or
+    a caption JSON's images (relative paths resolve against `image_root`, default the file's folder; repeated
+    images are kept once)."""
     source = Path(source)
     if source.is_dir():
         found = []
@@ -29,8 +31,12 @@ def list_images(source: str | Path, img_key: str = "filepath") -> list[str]:
     if not source.exists():
         raise DataError(f"{source}: no such folder or table; pass a folder of images or a CSV with a "
                         f"'{img_key}' column")
+    from moeclip.data.formats import data_format, open_dataset
+    if data_format(source) != "table":  # every split of a Karpathy file: an index covers all its images
+        paths = [r["_path"] for r in open_dataset(source, split="all", image_root=image_root).rows]
+        return list(dict.fromkeys(str(Path(p).absolute()) for p in paths))
     rows = read_table(source, img_key=img_key, caption_key=img_key)
-    root = source.parent.absolute()
+    root = (Path(image_root) if image_root is not None else source.parent).absolute()
     seen: dict[str, None] = {}
     for row in rows:
         p = Path(row.get(img_key) or "")

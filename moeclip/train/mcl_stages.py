@@ -60,7 +60,7 @@ def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: 
     out = Path(out_dir)
     names = ffn_param_names(base, cfg.towers, cfg.blocks)
     experts = [ffn_state_dict(base, cfg.towers, cfg.blocks)]
-    _check_same_settings(out, cfg, seed, experts[0], len(dataset), runtime)
+    _check_same_settings(out, cfg, seed, experts[0], len(dataset), runtime, base)
     previous_groups = None
     for s in range(1, cfg.num_experts):
         sdir = out / f"stage_{s}"
@@ -103,11 +103,12 @@ _RESUME_IGNORES = {"num_experts", "embed_batch", "train.ckpt_every", "train.log_
 
 
 def _check_same_settings(out: Path, cfg: MCLConfig, seed: int, base_ffn: dict, samples: int,
-                         runtime: Runtime) -> None:
+                         runtime: Runtime, base: nn.Module | None = None) -> None:
     """Resume only stages the same settings made: otherwise a re-run with a changed config would silently
     mix stale experts into the new model. More or fewer stages (num_experts) may reuse the same directory."""
     flat = {f"config.{k}": v for k, v in _flatten(asdict(cfg)).items() if k not in _RESUME_IGNORES}
-    want = io.json_roundtrip({"seed": seed, "samples": samples, "base_ffn": ffn_digest(base_ffn), **flat})
+    want = io.json_roundtrip({"seed": seed, "samples": samples, "base_ffn": ffn_digest(base_ffn), **flat,
+                              **_stretch_setting(base)})
     path = out / "settings.json"
     if path.exists():
         have = io.read_json(path)
@@ -119,6 +120,15 @@ def _check_same_settings(out: Path, cfg: MCLConfig, seed: int, base_ffn: dict, s
     elif runtime.is_main:
         io.write_json(path, want)
     runtime.barrier()
+
+
+def _stretch_setting(base: nn.Module) -> dict:
+    """A base stretched to a longer text context (model.context_length) makes other stages than the same base
+    unstretched, though its FFN digest is the same; recorded only when stretched, so older runs still resume."""
+    arch = getattr(base, "moeclip_arch", {}) or {}
+    if "stretched_from" not in arch:
+        return {}
+    return {"text_context_length": arch["model_cfg"]["text_cfg"]["context_length"]}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

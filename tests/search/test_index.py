@@ -104,3 +104,12 @@ def test_cli_index_then_search(micro_dir, photo_dir, tmp_path, capsys):
     assert len(results) == 9 and [r["rank"] for r in results] == list(range(1, 10))
     assert main(["search", "--index", str(photo_dir), "--text", "x"]) == 2
     assert "moeclip search: error:" in capsys.readouterr().err
+
+
+def test_model_reference_of_a_checkpoint_file_is_absolute(tmp_path, monkeypatch):
+    """`moeclip index --model clip-moe.pt` from one folder, `moeclip search` from another: the index must
+    remember where the file is."""
+    (tmp_path / "clip-moe.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert model_reference("clip-moe.pt") == str(tmp_path.resolve() / "clip-moe.pt")
+    assert model_reference("ViT-B-32:openai") == "ViT-B-32:openai"
