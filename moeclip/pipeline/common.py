@@ -98,10 +98,15 @@ def run_guarded(main: Callable[[], object]) -> None:
     from moeclip.config import ConfigError
     from moeclip.data.dataset import DataError
     from moeclip.train.dist import finish
+    from moeclip.train.loop import StoppedEarly
     try:
         main()
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed; no traceback
         finish(e.code if isinstance(e.code, int) else 1)
+        return
+    except StoppedEarly as e:  # train.stop_at: a checkpoint, not a finished step
+        print(str(e), file=sys.stderr)
+        finish(0)
         return
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         if os.environ.get("MOECLIP_DEBUG"):

@@ -31,7 +31,7 @@ from moeclip.pipeline.report import write_report
 from moeclip.runtime import Runtime
 from moeclip.train.dist import DistributedConfig, make_runtime
 from moeclip.train.mcl_stages import MCLConfig, run_mcl
-from moeclip.train.loop import train
+from moeclip.train.loop import require_finished, train
 from moeclip.train.moe_finetune import MoEFinetuneConfig, finetune_moe
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,7 @@ def _dense_ft_once(base: nn.Module, ds: CaptionDataset, tokenizer: Callable, cfg
     tcfg.seed = cfg.seed
     result = train(model, ds, tokenizer, tcfg, out / "train", runtime,
                    trainable=ffn_param_names(model, cfg.mcl.towers, cfg.mcl.blocks), desc="dense FT baseline")
+    require_finished(result, tcfg, "dense FT baseline")
     summary = {k: result[k] for k in ("steps", "samples", "seconds", "skipped")}
     if runtime.is_main:
         save_model_dir(model, out / "model",
@@ -228,6 +229,7 @@ def _finetune_once(model: nn.Module, ds: CaptionDataset, tokenizer: Callable, ft
     if done.exists():
         return io.read_json(done).get("finetune", {})
     result = finetune_moe(model, ds, tokenizer, ft, train_dir, runtime, seed, desc)
+    require_finished(result, ft.train, desc)
     summary = {k: result[k] for k in ("steps", "samples", "seconds", "skipped")}
     if runtime.is_main:
         save_model_dir(model, model_dir,

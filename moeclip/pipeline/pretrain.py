@@ -14,7 +14,7 @@ from moeclip.loader import save_model_dir
 from moeclip.model.factory import build_dense, preprocess_for, tokenizer_for
 from moeclip.pipeline.common import DataConfig, ensure_data, open_train_data
 from moeclip.train.dist import DistributedConfig, make_runtime
-from moeclip.train.loop import TrainConfig, train
+from moeclip.train.loop import TrainConfig, require_finished, train
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     cfg.train.seed = cfg.seed
     result = train(model, ds, tokenizer, cfg.train, out / "train", runtime,
                    trainable=[n for n, _ in model.named_parameters()], desc="pretrain")
+    require_finished(result, cfg.train, "pretrain")
     metrics = evaluate(model.eval(), preprocess, tokenizer, cfg.data.val, progress=False, runtime=runtime,
                        image_root=cfg.data.image_root)
     if runtime.is_main:

@@ -57,6 +57,17 @@ class TrainConfig:
     stop_at: int | None = None  # leave after this step (checkpointed); re-launching continues the run
 
 
+class StoppedEarly(Exception):
+    """`train.stop_at` ended a step before its last step: the checkpoint is written, the step is not done.
+    A recipe leaves (exit 0) instead of treating the half-trained weights as finished; re-running continues."""
+
+
+def require_finished(result: dict[str, Any], cfg: TrainConfig, what: str) -> None:
+    if result["steps"] < cfg.steps:
+        raise StoppedEarly(f"{what}: stopped at step {result['steps']} of {cfg.steps} (stop_at); the checkpoint "
+                           "is saved, re-run the same command to continue")
+
+
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < cfg.warmup_steps:

@@ -25,7 +25,7 @@ from moeclip.mcl.embed import embed_corpus
 from moeclip.config import ConfigError
 from moeclip.model.ffn import ffn_digest, ffn_distance, ffn_param_names, ffn_state_dict, load_ffn_state_dict
 from moeclip.runtime import Runtime
-from moeclip.train.loop import TrainConfig, train
+from moeclip.train.loop import TrainConfig, require_finished, train
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: 
         tcfg.seed = seed + s
         result = train(model, dataset, tokenizer, tcfg, sdir / "train", runtime, trainable=names,
                        labels=groups, desc=f"MCL stage {s}")
+        require_finished(result, tcfg, f"MCL stage {s}")
         ffn = ffn_state_dict(model, cfg.towers, cfg.blocks)
         del model
         experts.append(ffn)

@@ -44,9 +44,14 @@ def test_dmu_smoke_end_to_end(tmp_path):
     assert json.loads((out / "report.json").read_text())["models"]["dmu"] == report["models"]["dmu"]
     # an ablation reuses the run's stages (fewer experts, top-1) without re-training them
     abl = tmp_path / "abl"
-    ab = subprocess.run([*cmd, f"output_dir={abl}", f"mcl_dir={out / 'mcl'}", "mcl.num_experts=2", "upcycle.top_k=1",
-                         "baselines.upcycle=false", "baselines.dense_ft=false", "baselines.dmu_router_experts=false"],
-                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    abl_cmd = [*cmd, f"output_dir={abl}", f"mcl_dir={out / 'mcl'}", "mcl.num_experts=2", "upcycle.top_k=1",
+               "baselines.upcycle=false", "baselines.dense_ft=false", "baselines.dmu_router_experts=false"]
+    # stop_at leaves after a checkpoint without passing the half-trained router off as finished
+    stop = subprocess.run([*abl_cmd, "router_ft.train.stop_at=3"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert stop.returncode == 0 and "stopped at step 3 of 6" in stop.stderr, stop.stderr[-2000:]
+    assert not (abl / "model" / "config.json").exists() and (abl / "router_ft" / "ckpt" / "step_0000003").exists()
+    ab = subprocess.run(abl_cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert ab.returncode == 0, ab.stderr[-3000:]
     rep = json.loads((abl / "report.json").read_text())
     assert set(rep["models"]) == {"base", "mcl_stage_1", "dmu"} and not (abl / "mcl").exists()
