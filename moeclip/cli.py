@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_consolidate_command(sub)
     from moeclip.model.clip_moe_layout import add_commands as add_layout_commands
     add_layout_commands(sub)
+    from moeclip.compress import add_commands as add_compress_commands
+    add_compress_commands(sub)
 
     from moeclip.analysis.commands import add_commands as add_analysis_commands
     from moeclip.search.commands import add_commands as add_search_commands
