@@ -108,7 +108,7 @@ def moe_top_k(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------- command line
 
 def _r1(m: dict[str, float]) -> str:
-    return f"mean R@1 {100 * m['mean_R@1']:.1f} (i->t {100 * m['image_to_text_R@1']:.1f}, " \
+    return f"mean R@1 {100 * m['mean_R@1']:.2f} (i->t {100 * m['image_to_text_R@1']:.1f}, " \
            f"t->i {100 * m['text_to_image_R@1']:.1f})"
 
 
@@ -133,7 +133,7 @@ def cmd_export_dense(args: argparse.Namespace) -> None:
     print(f"MoE            {_r1(r['moe'])}")
     for name, m in r["candidates"].items():
         label = "load-weighted" if name == "load" else "plain average"
-        print(f"{label:<14} {_r1(m)}  ({100 * (m['mean_R@1'] - r['moe']['mean_R@1']):+.1f} vs the MoE)")
+        print(f"{label:<14} {_r1(m)}  ({100 * (m['mean_R@1'] - r['moe']['mean_R@1']):+.2f} vs the MoE)")
     print(f"wrote {args.out}: dense, {'load-weighted' if r['kept'] == 'load' else 'plain'} average of the experts")
 
 
@@ -142,7 +142,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     r = prune_model(args.model, args.out, args.data, args.keep, rt, args.max_rows, args.batch_size,
                     args.image_root, args.split)
     print(f"MoE            {_r1(r['moe'])}")
-    print(f"pruned to {r['keep']:<4} {_r1(r['pruned'])}  ({100 * (r['pruned']['mean_R@1'] - r['moe']['mean_R@1']):+.1f} "
+    print(f"pruned to {r['keep']:<4} {_r1(r['pruned'])}  ({100 * (r['pruned']['mean_R@1'] - r['moe']['mean_R@1']):+.2f} "
           f"vs the MoE), top-{r['top_k']}")
     print(f"wrote {args.out}")
 
