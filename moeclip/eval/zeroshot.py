@@ -176,7 +176,17 @@ def evaluate_zeroshot(model: nn.Module, preprocess: Callable, tokenizer: Callabl
     """
     rt = runtime or Runtime.local()
     model = model.to(rt.device).eval()
-    ds = CaptionDataset(table, preprocess, caption_key=class_column, image_root=image_root)
+    from moeclip.data.formats import data_format
+    if Path(table).exists() and data_format(table) != "table":
+        raise DataError(f"{table}: zero-shot classification reads a CSV/TSV with 'filepath' and a class column, "
+                        f"not a {data_format(table)} caption file")
+    try:
+        ds = CaptionDataset(table, preprocess, caption_key=class_column, image_root=image_root)
+    except DataError as e:
+        if "missing column" in str(e):  # the generic message speaks of captions; here it is the class column
+            raise DataError(f"{table}: zero-shot classification needs a 'filepath' column and the class column "
+                            f"'{class_column}' (--class-column); {str(e).split('; ')[1]}") from None
+        raise
     read_skips = Counter(ds.skips.counts)  # every rank read the whole table: count these once
     paths, first_rows, _ = unique_first([r["_path"] for r in ds.rows])
     feats, loaded = sharded_image_features(model, ds, first_rows.tolist(), batch_size, rt, num_workers, progress)

@@ -142,6 +142,12 @@ def test_evaluate_zeroshot_matches_evaluate_class_column(moe_model, shape_table,
     for k in ("top1", "top5", "mean_per_class_recall", "num_classes", "num_images"):
         assert zs[k] == pytest.approx(full["zeroshot"][k]), k
     assert zs["num_classes"] == 6 and zs["num_images"] == 64
+    with pytest.raises(DataError, match="needs a 'filepath' column and the class column 'shape'.*found"):
+        evaluate_zeroshot(model, preprocess, tokenizer, table, "shape", names, templates, runtime=CPU, progress=False)
+    captions = table.parent / "captions.json"
+    captions.write_text(json.dumps([{"image": "a.png", "conversations": [{"from": "gpt", "value": "a cat"}]}]))
+    with pytest.raises(DataError, match="reads a CSV/TSV .* not a sharegpt4v caption file"):
+        evaluate_zeroshot(model, preprocess, tokenizer, captions, "label", names, templates, runtime=CPU)
 
 
 def test_cli_zeroshot(moe_model, shape_table, tmp_path, capsys, micro_dir):
