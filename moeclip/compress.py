@@ -142,8 +142,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     r = prune_model(args.model, args.out, args.data, args.keep, rt, args.max_rows, args.batch_size,
                     args.image_root, args.split)
     print(f"MoE            {_r1(r['moe'])}")
-    print(f"pruned to {r['keep']:<4} {_r1(r['pruned'])}  ({100 * (r['pruned']['mean_R@1'] - r['moe']['mean_R@1']):+.2f} "
-          f"vs the MoE), top-{r['top_k']}")
+    change = 100 * (r['pruned']['mean_R@1'] - r['moe']['mean_R@1'])
+    print(f"pruned to {r['keep']:<4} {_r1(r['pruned'])}  ({change:+.2f} vs the MoE), top-{r['top_k']}")
     print(f"wrote {args.out}")
 
 

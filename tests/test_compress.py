@@ -49,13 +49,15 @@ def test_prune_cli(tiny_moe, corpus, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "pruned to 2" in printed and "mean R@1" in printed
     model, _, tokenizer = moeclip.load(out)
-    assert [(layer.num_experts, layer.top_k) for _, _, layer in moe_layers(model)] == [(2, 2)] * 4  # micro: 2 blocks per tower
+    # micro: 2 blocks per tower
+    assert [(layer.num_experts, layer.top_k) for _, _, layer in moe_layers(model)] == [(2, 2)] * 4
     model.encode_text(tokenizer(["a red circle"]))  # the loaded model runs
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["moe"]["num_experts"] == 2 and len(cfg["retrieval"]["kept_experts"]) == 4
     # K = E keeps every weight
     same = tmp_path / "same"
-    assert main(["prune", "--keep", "3", str(tiny_moe), str(same), "--data", str(corpus["val"]), "--device", "cpu"]) == 0
+    assert main(["prune", "--keep", "3", str(tiny_moe), str(same), "--data", str(corpus["val"]),
+                 "--device", "cpu"]) == 0
     a, _, _ = moeclip.load(same)
     b, _, _ = moeclip.load(tiny_moe)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())

@@ -308,9 +308,9 @@ def add_commands(sub: Any) -> None:
 
     e = sub.add_parser("export", help="moeclip MoE model -> a checkpoint in another layout, or a dense CLIP",
                        description="--format clip-moe: write a moeclip MoE model in the CLIP-MoE authors' layout "
-                       "(QuickGELU CLIP with MoE in the last blocks of both towers, 248 text positions). --dense: merge "
-                       "every MoE layer's experts into one FFN (a dense model directory of the base's size), "
-                       "comparing retrieval on --data with the MoE's.")
+                       "(QuickGELU CLIP with MoE in the last blocks of both towers, 248 text positions). "
+                       "--dense: merge every MoE layer's experts into one FFN (a dense model directory of the "
+                       "base's size), comparing retrieval on --data with the MoE's.")
     how = e.add_mutually_exclusive_group(required=True)
     how.add_argument("--format", choices=[FORMAT], help="target layout")
     how.add_argument("--dense", action="store_true", help="merge the experts into a dense moeclip model directory")
