@@ -21,13 +21,25 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from moeclip import io, load
     from moeclip.eval.evaluate import evaluate, format_table
+    from moeclip.eval.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot, load_classnames, load_templates
     from moeclip.runtime import Runtime
+    if args.templates and args.template:
+        raise ValueError("give --templates (a name or file) or --template (repeatable), not both")
+    if (args.task == "zeroshot" or args.classnames) and not args.class_column:
+        raise ValueError("zero-shot classification needs --class-column (the column holding each image's class)")
+    classnames = load_classnames(args.classnames) if args.classnames else None
+    templates = load_templates(args.templates) if args.templates else (args.template or list(DEFAULT_TEMPLATES))
     runtime = Runtime.local(args.device, args.precision)
     model, preprocess, tokenizer = load(args.model, pretrained=args.pretrained, device=runtime.device)
-    metrics = evaluate(model, preprocess, tokenizer, args.data, class_column=args.class_column,
-                       templates=args.template or ["a photo of a {}."], batch_size=args.batch_size,
-                       runtime=runtime, num_workers=args.workers, split=args.split,
-                       image_root=args.image_root)
+    if args.task == "zeroshot":
+        metrics = evaluate_zeroshot(model, preprocess, tokenizer, args.data, args.class_column, classnames,
+                                    templates, batch_size=args.batch_size, runtime=runtime,
+                                    num_workers=args.workers, image_root=args.image_root)
+    else:
+        metrics = evaluate(model, preprocess, tokenizer, args.data, class_column=args.class_column,
+                           templates=templates, classnames=classnames, batch_size=args.batch_size,
+                           runtime=runtime, num_workers=args.workers, split=args.split,
+                           image_root=args.image_root)
     print(format_table(metrics))
     if args.out:
         io.write_json(args.out, metrics)
@@ -68,8 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-root", default=None, help="folder the data's relative image paths start from "
                    "(default: the data file's folder)")
     e.add_argument("--out", default=None, help="write metrics JSON here")
-    e.add_argument("--class-column", default=None, help="column holding class names for zero-shot accuracy")
-    e.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
+    e.add_argument("--task", default="all", choices=["all", "zeroshot"],
+                   help="all: retrieval (+ zero-shot with --class-column, + factor probe); zeroshot: only zero-shot "
+                   "classification of a CSV/TSV with filepath and --class-column (no caption column needed)")
+    e.add_argument("--class-column", default=None, help="column holding each image's class (a class name, or "
+                   "an index into --classnames)")
+    e.add_argument("--classnames", default=None, help="'imagenet' (OpenAI's 1000 names, from open_clip) or a text "
+                   "file, one class name per line (default: the class column's distinct values)")
+    e.add_argument("--templates", default=None, help="'openai' (OpenAI's 80 ImageNet prompts), 'simple', or a text "
+                   "file, one template per line with {} or {c} for the class name")
+    e.add_argument("--template", action="append", help="one prompt template with {} (repeatable; default "
+                   "'a photo of a {}.')")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--device", default=None, help="default: the first GPU, else the CPU")
@@ -86,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_consolidate_command(sub)
     from moeclip.model.clip_moe_layout import add_commands as add_layout_commands
     add_layout_commands(sub)
+    from moeclip.compress import add_commands as add_compress_commands
+    add_compress_commands(sub)
 
     from moeclip.analysis.commands import add_commands as add_analysis_commands
     from moeclip.search.commands import add_commands as add_search_commands

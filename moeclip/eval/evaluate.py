@@ -16,7 +16,8 @@ from moeclip.data.dataset import DataError
 from moeclip.data.formats import data_format, open_dataset
 from moeclip.eval.probe import factor_probe
 from moeclip.eval.retrieval import retrieval_metrics
-from moeclip.model.encode import encode_texts, sharded_image_features, sharded_text_features, unique_first
+from moeclip.eval.zeroshot import DEFAULT_TEMPLATES, zero_shot
+from moeclip.model.encode import sharded_image_features, sharded_text_features, unique_first
 from moeclip.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ def find_factors(table: str | Path) -> dict[str, Any] | None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table: str | Path,
-             class_column: str | None = None, templates: Sequence[str] = ("a photo of a {}.",),
+             class_column: str | None = None, templates: Sequence[str] = DEFAULT_TEMPLATES,
+             classnames: Sequence[str] | None = None,
              factors: dict[str, Any] | None = None, batch_size: int = 256, runtime: Runtime | None = None,
              num_workers: int = 0, progress: bool = True, split: str = "test",
              image_root: str | Path | None = None) -> dict[str, Any]:
@@ -40,6 +42,8 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
     Collective under a multi-rank runtime: every rank encodes its share of the images and captions on its
     device (under the runtime's autocast), the features are gathered, and every rank returns the same
     metrics, equal to a one-process run's. `runtime` None = one process on the first accelerator.
+    class_column: also classify each image zero-shot by that column (`moeclip.eval.zeroshot`), against
+    `classnames` (None = the column's distinct values) with `templates`.
     """
     rt = runtime or Runtime.local()
     model = model.to(rt.device).eval()
@@ -69,8 +73,11 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
 
     rows_of_image = [ds.rows[first_rows[i]] for i in loaded_img]
     if class_column:
+        if class_column not in rows_of_image[0]:
+            raise DataError(f"{table}: no class column '{class_column}'")
         metrics["zeroshot"] = zero_shot(model, tokenizer, image_features,
-                                        [r[class_column] for r in rows_of_image], templates, rt)
+                                        [r[class_column] for r in rows_of_image], templates, rt, classnames,
+                                        where=f"{table} column '{class_column}'")
     if factors is None and data_format(table) == "table":
         factors = find_factors(table)
     if factors:
@@ -95,22 +102,10 @@ def _all_skips(runtime: Runtime, read: Counter, loading: Counter) -> dict[str, i
     return dict(sorted(total.items()))
 
 
-def zero_shot(model: nn.Module, tokenizer: Callable, image_features: torch.Tensor, labels: list[str],
-              templates: Sequence[str], runtime: Runtime | None = None) -> dict[str, float]:
-    classes = sorted(set(labels))
-    weights = []
-    for c in classes:
-        t = encode_texts(model, tokenizer, [tpl.format(c) for tpl in templates], runtime=runtime).mean(0)
-        weights.append(t / t.norm())
-    logits = image_features @ torch.stack(weights).t()
-    truth = torch.tensor([classes.index(x) for x in labels])
-    out = {"top1": float((logits.argmax(1) == truth).float().mean()), "num_classes": len(classes)}
-    if len(classes) > 5:
-        out["top5"] = float((logits.topk(5, dim=1).indices == truth[:, None]).any(1).float().mean())
-    return out
-
-
 def format_table(metrics: dict[str, Any]) -> str:
+    """Markdown table of `evaluate`'s metrics, or of `evaluate_zeroshot`'s (zero-shot keys at the top level)."""
+    if "top1" in metrics:
+        metrics = {"zeroshot": metrics, "skipped": metrics.get("skipped")}
     lines = ["| metric | value |", "|---|---|"]
     for k in ("image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10",
               "text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "mean_R@1"):
@@ -119,9 +114,12 @@ def format_table(metrics: dict[str, Any]) -> str:
     for k, v in metrics.get("factors", {}).items():
         lines.append(f"| factor {k} (chance {100 * metrics['factors_chance'][k]:.0f}) | {100 * v:.1f} |")
     for k, v in metrics.get("zeroshot", {}).items():
-        if k != "num_classes":
+        if k in ("top1", "top5", "mean_per_class_recall"):
             lines.append(f"| zero-shot {k} ({metrics['zeroshot']['num_classes']} classes) | {100 * v:.1f} |")
-    lines.append(f"| images / captions | {metrics['num_images']} / {metrics['num_captions']} |")
+    if "num_captions" in metrics:
+        lines.append(f"| images / captions | {metrics['num_images']} / {metrics['num_captions']} |")
+    else:
+        lines.append(f"| images | {metrics['zeroshot']['num_images']} |")
     if metrics.get("skipped"):
         lines.append(f"| skipped | {', '.join(f'{n} {r}' for r, n in metrics['skipped'].items())} |")
     return "\n".join(lines)

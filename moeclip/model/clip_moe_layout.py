@@ -306,12 +306,21 @@ def add_commands(sub: Any) -> None:
                    help=f"experts per token; the file does not store it (default {DEFAULT_TOP_K})")
     c.set_defaults(func=_cmd_convert)
 
-    e = sub.add_parser("export", help="moeclip MoE model -> a checkpoint in another layout",
-                       description="Write a moeclip MoE model in the CLIP-MoE authors' layout (QuickGELU CLIP with "
-                       "MoE in the last blocks of both towers, 248 text positions).")
-    e.add_argument("--format", required=True, choices=[FORMAT], help="target layout")
+    e = sub.add_parser("export", help="moeclip MoE model -> a checkpoint in another layout, or a dense CLIP",
+                       description="--format clip-moe: write a moeclip MoE model in the CLIP-MoE authors' layout "
+                       "(QuickGELU CLIP with MoE in the last blocks of both towers, 248 text positions). "
+                       "--dense: merge every MoE layer's experts into one FFN (a dense model directory of the "
+                       "base's size), comparing retrieval on --data with the MoE's.")
+    how = e.add_mutually_exclusive_group(required=True)
+    how.add_argument("--format", choices=[FORMAT], help="target layout")
+    how.add_argument("--dense", action="store_true", help="merge the experts into a dense moeclip model directory")
     e.add_argument("model", help="moeclip model directory")
-    e.add_argument("out", help="the .pt file to write")
+    e.add_argument("out", help="the .pt file to write (--format), or the model directory (--dense)")
+    e.add_argument("--method", default="auto", choices=["auto", "load", "mean"],
+                   help="--dense: load = router-load-weighted average of the experts, mean = plain average, "
+                   "auto = both, keeping the one with the higher mean R@1 on --data (default)")
+    from moeclip.compress import add_measure_arguments
+    add_measure_arguments(e, required=False)
     e.set_defaults(func=_cmd_export)
 
 
@@ -324,6 +333,9 @@ def _cmd_convert(args: Any) -> None:
 
 
 def _cmd_export(args: Any) -> None:
+    if args.dense:
+        from moeclip.compress import cmd_export_dense
+        return cmd_export_dense(args)
     from moeclip.loader import load_model_dir
     out = export_clip_moe(load_model_dir(args.model), args.out)
     print(f"wrote {out} ({args.format} layout)")
