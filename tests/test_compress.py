@@ -9,23 +9,9 @@ from moeclip.cli import main
 from moeclip.moe import moe_layers
 
 
-@pytest.fixture(scope="module")
-def tiny_moe(micro_dir, tmp_path_factory):
-    model, _, _ = moeclip.load(micro_dir)
-    moeclip.upcycle(model, None, num_experts=3, top_k=2)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, _, layer in moe_layers(model):
-            layer.router.proj.weight.copy_(torch.randn(layer.router.proj.weight.shape, generator=g) * 2.0)
-            for expert in layer.experts:
-                for p in expert.parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return moeclip.save_model_dir(model, tmp_path_factory.mktemp("cmoe") / "model")
-
-
-def test_export_dense_cli(tiny_moe, micro_dir, corpus, tmp_path, capsys):
+def test_export_dense_cli(moe_dir, micro_dir, corpus, tmp_path, capsys):
     out = tmp_path / "dense"
-    assert main(["export", "--dense", str(tiny_moe), str(out), "--data", str(corpus["val"]), "--device", "cpu"]) == 0
+    assert main(["export", "--dense", str(moe_dir), str(out), "--data", str(corpus["val"]), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "MoE " in printed and "load-weighted" in printed and "plain average" in printed and "mean R@1" in printed
     model, _, _ = moeclip.load(out)
@@ -36,16 +22,16 @@ def test_export_dense_cli(tiny_moe, micro_dir, corpus, tmp_path, capsys):
     r = cfg["retrieval"]
     assert cfg["moe"] is None and cfg["merge"] == r["kept"] in ("load", "mean")
     assert r["candidates"][r["kept"]]["mean_R@1"] == max(c["mean_R@1"] for c in r["candidates"].values())
-    assert main(["export", "--dense", str(tiny_moe), str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert main(["export", "--dense", str(moe_dir), str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "needs --data" in capsys.readouterr().err
     assert main(["export", "--dense", str(micro_dir), str(tmp_path / "x"), "--data", str(corpus["val"]),
                  "--device", "cpu"]) == 2
     assert "a dense model" in capsys.readouterr().err
 
 
-def test_prune_cli(tiny_moe, corpus, tmp_path, capsys):
+def test_prune_cli(moe_dir, corpus, tmp_path, capsys):
     out = tmp_path / "pruned"
-    assert main(["prune", "--keep", "2", str(tiny_moe), str(out), "--data", str(corpus["val"]), "--device", "cpu"]) == 0
+    assert main(["prune", "--keep", "2", str(moe_dir), str(out), "--data", str(corpus["val"]), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "pruned to 2" in printed and "mean R@1" in printed
     model, _, tokenizer = moeclip.load(out)
@@ -56,11 +42,11 @@ def test_prune_cli(tiny_moe, corpus, tmp_path, capsys):
     assert cfg["moe"]["num_experts"] == 2 and len(cfg["retrieval"]["kept_experts"]) == 4
     # K = E keeps every weight
     same = tmp_path / "same"
-    assert main(["prune", "--keep", "3", str(tiny_moe), str(same), "--data", str(corpus["val"]),
+    assert main(["prune", "--keep", "3", str(moe_dir), str(same), "--data", str(corpus["val"]),
                  "--device", "cpu"]) == 0
     a, _, _ = moeclip.load(same)
-    b, _, _ = moeclip.load(tiny_moe)
+    b, _, _ = moeclip.load(moe_dir)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     capsys.readouterr()
-    assert main(["prune", "--keep", "4", str(tiny_moe), str(tmp_path / "x"), "--data", str(corpus["val"])]) == 2
+    assert main(["prune", "--keep", "4", str(moe_dir), str(tmp_path / "x"), "--data", str(corpus["val"])]) == 2
     assert "keep 1..3" in capsys.readouterr().err
