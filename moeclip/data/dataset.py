@@ -47,6 +47,18 @@ class SkipLog:
         return f"skipped {self.total()} samples ({parts}); e.g. " + "; ".join(self.examples[:3])
 
 
+def read_json_data(path: str | Path, expected: str) -> Any:
+    """A caption JSON file parsed, or a one-line DataError naming the file and the format `expected`."""
+    import json
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a JSON file ({e}); expected {expected}") from None
+
+
 def read_table(path: str | Path, img_key: str = "filepath", caption_key: str = "title") -> list[dict[str, str]]:
     """Rows of a CSV/TSV as dicts (all columns kept: factors and classes ride along)."""
     path = Path(path)

@@ -7,7 +7,6 @@ Each (image, sentence) becomes one row, exactly like a CSV row, so evaluation co
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from moeclip.data.dataset import CaptionDataset, DataError, SkipLog
+from moeclip.data.dataset import CaptionDataset, DataError, SkipLog, read_json_data
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +27,7 @@ def read_karpathy(path: str | Path, split: str = "test", image_root: str | Path 
     image_root: folder the `filepath/filename` paths are relative to; default the JSON's folder.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: data file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a JSON file ({e}); expected Karpathy-split captions") from None
+    data = read_json_data(path, "Karpathy-split captions")
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise DataError(f"{path}: no 'images' list; expected Karpathy-split JSON "

@@ -8,12 +8,11 @@ is skipped and counted (naming the file and the entry index), never fatal.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from moeclip.data.dataset import CaptionDataset, DataError, SkipLog, _ids
+from moeclip.data.dataset import CaptionDataset, DataError, SkipLog, _ids, read_json_data
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +36,7 @@ def read_sharegpt4v(path: str | Path, image_root: str | Path | None = None,
                     skips: SkipLog | None = None) -> list[dict[str, str]]:
     """Rows `{_path, _caption, _line, id}`, one per usable entry; bad entries go to `skips`."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: data file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a JSON file ({e}); expected ShareGPT4V captions") from None
+    data = read_json_data(path, "ShareGPT4V captions")
     if not isinstance(data, list):
         raise DataError(f"{path}: top level is a {type(data).__name__}, not a list; expected ShareGPT4V captions "
                         '([{"image": "path", "conversations": [{"from": "gpt", "value": "caption"}]}])')
