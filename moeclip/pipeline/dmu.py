@@ -107,6 +107,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     model_dir = out / "model"
     ft = _finetune_once(dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, runtime,
                         cfg.seed, "DMU router FT", {"pipeline": "dmu", "config": to_dict(cfg)})
+    del dmu  # each trained model is saved; holding it while the next trains doubled the peak memory
     evals("dmu", lambda: load(model_dir)[0])
 
     bl = cfg.baselines
@@ -123,6 +124,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         _finetune_once(dx, train_ds, tokenizer, xcfg, out / "ablations" / "dmu_router_experts" / "train",
                        out / "ablations" / "dmu_router_experts" / "model", runtime, cfg.seed,
                        "DMU router+experts", {"pipeline": "dmu-router+experts"})
+        del dx
         evals("dmu_router_experts", lambda: load(out / "ablations" / "dmu_router_experts" / "model")[0])
     if bl.upcycle:
         up = upcycle(copy.deepcopy(base), None, num_experts=len(experts), top_k=ucfg.top_k, layers=ucfg.layers,
@@ -132,6 +134,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         baseline_info["upcycle"] = _finetune_once(up, train_ds, tokenizer, bcfg, out / "baselines" / "upcycle" / "train",
                                                   out / "baselines" / "upcycle" / "model", runtime, cfg.seed,
                                                   "upcycle baseline", {"pipeline": "upcycle-baseline"})
+        del up
         evals("upcycle", lambda: load(out / "baselines" / "upcycle" / "model")[0])
     if bl.dense_ft:
         baseline_info["dense_ft"] = _dense_ft_once(base, train_ds, tokenizer, cfg, budget,
