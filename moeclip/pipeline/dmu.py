@@ -92,7 +92,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     train_ds = open_train_data(cfg.data, preprocess)
     factors = find_factors(cfg.data.train) if data_format(cfg.data.train) == "table" else None
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
-    evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root)
+    evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root,
+                      cfg.data.workers)
 
     mcl_dir = Path(cfg.mcl_dir) if cfg.mcl_dir else out / "mcl"
     experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, mcl_dir, runtime, cfg.seed, factor_columns)
