@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .dispatch import DISPATCHERS
-from .router import Routing, TopKRouter
+from .router import DEFAULT_ROUTER_INIT_STD, Routing, TopKRouter
 
 
 class LocalExperts(nn.ModuleList):
@@ -69,7 +69,7 @@ class MoEFFN(nn.Module):
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, num_experts: int, top_k: int, jitter: float = 0.0,
-                   router_init_std: float = 0.0, dispatch: str = "sorted") -> "MoEFFN":
+                   router_init_std: float = DEFAULT_ROUTER_INIT_STD, dispatch: str = "sorted") -> "MoEFFN":
         """Every expert starts as an exact copy of `mlp` (activation type, weights, dtype, device)."""
         if isinstance(mlp, MoEFFN):
             raise ValueError("this FFN is already an MoE layer")

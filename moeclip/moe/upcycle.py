@@ -13,6 +13,7 @@ from torch import nn
 
 from ..model.ffn import FFN_PARTS, TOWERS, select_blocks, tower_blocks, tower_prefix
 from .layer import MoEFFN
+from .router import DEFAULT_ROUTER_INIT_STD
 
 DEFAULT_NUM_EXPERTS = 4
 
@@ -77,7 +78,8 @@ def _check_expert_sets(model: nn.Module, experts: list[dict[str, torch.Tensor]],
 
 def upcycle(model: nn.Module, experts: list[dict[str, torch.Tensor]] | None = None,
             num_experts: int | None = None, top_k: int = 2, layers: Sequence[int] | None = None,
-            towers: Sequence[str] = TOWERS, jitter: float = 0.0, router_init_std: float = 0.0) -> nn.Module:
+            towers: Sequence[str] = TOWERS, jitter: float = 0.0,
+            router_init_std: float = DEFAULT_ROUTER_INIT_STD) -> nn.Module:
     """Replace the FFN of the chosen blocks of each tower by an MoEFFN, in place; returns `model`.
 
     experts: FFN weight sets, expert i <- set i (set 0 is normally the base model's own FFNs);
@@ -154,7 +156,7 @@ def build_moe(model: nn.Module, cfg: dict[str, Any]) -> nn.Module:
     for tower, blocks in cfg["layers"].items():
         if blocks:
             upcycle(model, num_experts=cfg["num_experts"], top_k=cfg["top_k"], layers=blocks,
-                    towers=(tower,), jitter=cfg.get("jitter", 0.0))
+                    towers=(tower,), jitter=cfg.get("jitter", 0.0), router_init_std=0.0)  # weights are loaded next
     return model
 
 

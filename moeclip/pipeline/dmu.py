@@ -24,6 +24,7 @@ from moeclip.eval.evaluate import find_factors
 from moeclip.loader import load, save_model_dir
 from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
 from moeclip.moe import upcycle
+from moeclip.moe.router import DEFAULT_ROUTER_INIT_STD
 from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, load_base, open_train_data
 from moeclip.pipeline.evaluator import Evaluator
 from moeclip.analysis import analyse_experts, write_expert_report
@@ -42,7 +43,7 @@ class UpcycleConfig:
     top_k: int = 2
     layers: list[int] | None = None    # blocks that become MoE (None = all)
     jitter: float = 0.0
-    router_init_std: float = 0.0
+    router_init_std: float = DEFAULT_ROUTER_INIT_STD  # 0.0: the all-zero gate (tied top-k; moeclip.moe.router)
 
 
 def _baseline_default() -> MoEFinetuneConfig:
@@ -102,9 +103,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     for s in range(1, len(experts)):
         evals(f"mcl_stage_{s}", lambda s=s: _stage_model(base, experts[s]))
 
-    ucfg = cfg.upcycle
-    dmu = upcycle(copy.deepcopy(base), experts, top_k=ucfg.top_k, layers=ucfg.layers, towers=cfg.mcl.towers,
-                  jitter=ucfg.jitter, router_init_std=ucfg.router_init_std)
+    dmu = _upcycled(base, experts, len(experts), cfg)
     model_dir = out / "model"
     ft = _finetune_once(dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, runtime,
                         cfg.seed, "DMU router FT", {"pipeline": "dmu", "config": to_dict(cfg)})
@@ -117,8 +116,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         budget = ft["samples"]
     baseline_info = {}
     if bl.dmu_router_experts:
-        dx = upcycle(copy.deepcopy(base), experts, top_k=ucfg.top_k, layers=ucfg.layers, towers=cfg.mcl.towers,
-                     jitter=ucfg.jitter, router_init_std=ucfg.router_init_std)
+        dx = _upcycled(base, experts, len(experts), cfg)
         xcfg = copy.deepcopy(cfg.router_ft)
         xcfg.mode = "router+experts"
         xcfg.train.lr = bl.upcycle_finetune.train.lr
@@ -128,8 +126,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         del dx
         evals("dmu_router_experts", lambda: load(out / "ablations" / "dmu_router_experts" / "model")[0])
     if bl.upcycle:
-        up = upcycle(copy.deepcopy(base), None, num_experts=len(experts), top_k=ucfg.top_k, layers=ucfg.layers,
-                     towers=cfg.mcl.towers, jitter=ucfg.jitter, router_init_std=ucfg.router_init_std)
+        up = _upcycled(base, None, len(experts), cfg)
         bcfg = copy.deepcopy(bl.upcycle_finetune)
         bcfg.train.steps = max(1, budget // bcfg.train.global_batch)
         baseline_info["upcycle"] = _finetune_once(up, train_ds, tokenizer, bcfg, out / "baselines" / "upcycle" / "train",
@@ -197,6 +194,17 @@ def _analyse(model: nn.Module, preprocess: Callable, tokenizer: Callable, cfg: D
                 if "groups" in layer else {}) for layer in result["layers"]]
     return {"expert_usage": usage, "expert_group_by": group,
             "expert_pictures": {k: str(p.relative_to(out)) for k, p in paths.items() if p.suffix == ".png"}}
+
+
+def _upcycled(base: nn.Module, experts: list[dict[str, torch.Tensor]] | None, num_experts: int,
+              cfg: DMUConfig) -> nn.Module:
+    """A copy of `base` upcycled; the routers' random init comes from `cfg.seed` alone (not from how much of
+    the global RNG earlier steps used), so a run resumed after MCL starts its routers where a fresh one does."""
+    u = cfg.upcycle
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return upcycle(copy.deepcopy(base), experts, num_experts=num_experts, top_k=u.top_k, layers=u.layers,
+                       towers=cfg.mcl.towers, jitter=u.jitter, router_init_std=u.router_init_std)
 
 
 def _stage_model(base: nn.Module, ffn: dict[str, torch.Tensor]) -> nn.Module:
