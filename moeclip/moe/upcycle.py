@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..model.ffn import FFN_PARTS, TOWERS, select_blocks, tower_blocks, tower_prefix
+from .drop import drop_reinit
 from .layer import MoEFFN
 from .router import DEFAULT_ROUTER_INIT_STD
 
@@ -79,13 +80,15 @@ def _check_expert_sets(model: nn.Module, experts: list[dict[str, torch.Tensor]],
 def upcycle(model: nn.Module, experts: list[dict[str, torch.Tensor]] | None = None,
             num_experts: int | None = None, top_k: int = 2, layers: Sequence[int] | None = None,
             towers: Sequence[str] = TOWERS, jitter: float = 0.0,
-            router_init_std: float = DEFAULT_ROUTER_INIT_STD) -> nn.Module:
+            router_init_std: float = DEFAULT_ROUTER_INIT_STD, drop_ratio: float = 0.0) -> nn.Module:
     """Replace the FFN of the chosen blocks of each tower by an MoEFFN, in place; returns `model`.
 
     experts: FFN weight sets, expert i <- set i (set 0 is normally the base model's own FFNs);
         None = every expert a copy of the dense FFN.
     num_experts: defaults to len(experts), or 4 without weight sets; must agree with len(experts).
     layers: block indices shared by both towers (None = all, negatives count from the end).
+    drop_ratio: Drop-Upcycling (`moeclip.moe.drop`): re-draw this fraction of each expert's hidden units
+        after the experts are set (0 = plain copies / the given sets).
     """
     if experts is not None:
         if not experts:
@@ -116,6 +119,8 @@ def upcycle(model: nn.Module, experts: list[dict[str, torch.Tensor]] | None = No
                     for name, param in layer.experts[e].named_parameters():
                         if prefix + name in weight_set:
                             param.copy_(weight_set[prefix + name])
+        if drop_ratio > 0:
+            drop_reinit(layer, drop_ratio)
         blk.mlp = layer
     if "text" in towers:
         _install_text_mask_hook(model)

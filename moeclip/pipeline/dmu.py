@@ -59,6 +59,10 @@ class BaselinesConfig:
     # "router_ft": only as many as DMU's router fine-tuning
     budget: Literal["total", "router_ft"] = "total"
     dmu_router_experts: bool = True    # also report DMU with routers + experts trained (an ablation)
+    # Drop-Upcycling (moeclip.moe.drop): copies with drop_ratio of each expert's hidden units re-drawn, trained
+    # as the upcycle baseline (upcycle_finetune, same budget)
+    drop_upcycle: bool = False
+    drop_ratio: float = 0.5
 
 
 @dataclass
@@ -125,15 +129,18 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
                        "DMU router+experts", {"pipeline": "dmu-router+experts"})
         del dx
         evals("dmu_router_experts", lambda: load(out / "ablations" / "dmu_router_experts" / "model")[0])
-    if bl.upcycle:
-        up = _upcycled(base, None, len(experts), cfg)
+    copies = {"upcycle": 0.0} if bl.upcycle else {}
+    if bl.drop_upcycle:
+        copies["drop_upcycle"] = bl.drop_ratio
+    for name, drop_ratio in copies.items():  # copy-upcycling, and Drop-Upcycling: same training, same budget
+        up = _upcycled(base, None, len(experts), cfg, drop_ratio)
         bcfg = copy.deepcopy(bl.upcycle_finetune)
         bcfg.train.steps = max(1, budget // bcfg.train.global_batch)
-        baseline_info["upcycle"] = _finetune_once(up, train_ds, tokenizer, bcfg, out / "baselines" / "upcycle" / "train",
-                                                  out / "baselines" / "upcycle" / "model", runtime, cfg.seed,
-                                                  "upcycle baseline", {"pipeline": "upcycle-baseline"})
+        bdir = out / "baselines" / name
+        baseline_info[name] = _finetune_once(up, train_ds, tokenizer, bcfg, bdir / "train", bdir / "model", runtime,
+                                             cfg.seed, f"{name} baseline", {"pipeline": f"{name}-baseline"})
         del up
-        evals("upcycle", lambda: load(out / "baselines" / "upcycle" / "model")[0])
+        evals(name, lambda bdir=bdir: load(bdir / "model")[0])
     if bl.dense_ft:
         baseline_info["dense_ft"] = _dense_ft_once(base, train_ds, tokenizer, cfg, budget,
                                                    out / "baselines" / "dense_ft", runtime)
@@ -197,14 +204,15 @@ def _analyse(model: nn.Module, preprocess: Callable, tokenizer: Callable, cfg: D
 
 
 def _upcycled(base: nn.Module, experts: list[dict[str, torch.Tensor]] | None, num_experts: int,
-              cfg: DMUConfig) -> nn.Module:
+              cfg: DMUConfig, drop_ratio: float = 0.0) -> nn.Module:
     """A copy of `base` upcycled; the routers' random init comes from `cfg.seed` alone (not from how much of
     the global RNG earlier steps used), so a run resumed after MCL starts its routers where a fresh one does."""
     u = cfg.upcycle
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return upcycle(copy.deepcopy(base), experts, num_experts=num_experts, top_k=u.top_k, layers=u.layers,
-                       towers=cfg.mcl.towers, jitter=u.jitter, router_init_std=u.router_init_std)
+                       towers=cfg.mcl.towers, jitter=u.jitter, router_init_std=u.router_init_std,
+                       drop_ratio=drop_ratio)
 
 
 def _stage_model(base: nn.Module, ffn: dict[str, torch.Tensor]) -> nn.Module:
