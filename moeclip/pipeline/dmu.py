@@ -44,6 +44,9 @@ class UpcycleConfig:
     layers: list[int] | None = None    # blocks that become MoE (None = all)
     jitter: float = 0.0
     router_init_std: float = DEFAULT_ROUTER_INIT_STD  # 0.0: the all-zero gate (tied top-k; moeclip.moe.router)
+    # keep the base FFN as an always-on shared expert behind a learned per-token gate (moeclip.moe.layer.MoEFFN),
+    # in every upcycled model of the run (DMU, its ablation, the upcycling baselines)
+    shared_expert: bool = False
 
 
 def _baseline_default() -> MoEFinetuneConfig:
@@ -212,7 +215,7 @@ def _upcycled(base: nn.Module, experts: list[dict[str, torch.Tensor]] | None, nu
         torch.manual_seed(cfg.seed)
         return upcycle(copy.deepcopy(base), experts, num_experts=num_experts, top_k=u.top_k, layers=u.layers,
                        towers=cfg.mcl.towers, jitter=u.jitter, router_init_std=u.router_init_std,
-                       drop_ratio=drop_ratio)
+                       drop_ratio=drop_ratio, shared_expert=u.shared_expert)
 
 
 def _stage_model(base: nn.Module, ffn: dict[str, torch.Tensor]) -> nn.Module:
