@@ -26,6 +26,7 @@ from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
 from moeclip.moe import upcycle
 from moeclip.moe.router import DEFAULT_ROUTER_INIT_STD
 from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, load_base, open_train_data
+from moeclip.pipeline.costs import model_costs
 from moeclip.pipeline.evaluator import Evaluator
 from moeclip.analysis import analyse_experts, write_expert_report
 from moeclip.pipeline.report import write_report
@@ -127,9 +128,10 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         xcfg = copy.deepcopy(cfg.router_ft)
         xcfg.mode = "router+experts"
         xcfg.train.lr = bl.upcycle_finetune.train.lr
-        _finetune_once(dx, train_ds, tokenizer, xcfg, out / "ablations" / "dmu_router_experts" / "train",
-                       out / "ablations" / "dmu_router_experts" / "model", runtime, cfg.seed,
-                       "DMU router+experts", {"pipeline": "dmu-router+experts"})
+        baseline_info["dmu_router_experts"] = _finetune_once(
+            dx, train_ds, tokenizer, xcfg, out / "ablations" / "dmu_router_experts" / "train",
+            out / "ablations" / "dmu_router_experts" / "model", runtime, cfg.seed, "DMU router+experts",
+            {"pipeline": "dmu-router+experts"})
         del dx
         evals("dmu_router_experts", lambda: load(out / "ablations" / "dmu_router_experts" / "model")[0])
     copies = {"upcycle": 0.0} if bl.upcycle else {}
@@ -165,6 +167,9 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
                         "baseline_budget_rule": bl.budget,
                         **{f"{k}_samples": v["samples"] for k, v in baseline_info.items()}},
         }
+        report["costs"] = model_costs(base, lambda r: _upcycled(base, None, len(experts), cfg, r), cfg,
+                                      len(experts) - 1, len(train_ds),
+                                      {"dmu": ft["samples"], **{k: v["samples"] for k, v in baseline_info.items()}})
         report.update(_analyse(load(model_dir)[0], preprocess, tokenizer, cfg, evals.results["base"], out, runtime))
         write_report(out, report)
     runtime.barrier()

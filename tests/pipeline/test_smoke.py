@@ -29,6 +29,11 @@ def test_dmu_smoke_end_to_end(tmp_path):
         assert {"image_to_text_R@1", "text_to_image_R@10", "factors"} <= set(m)
     b = report["budgets"]
     assert b["upcycle_samples"] == b["dense_ft_samples"] == b["dmu_total_samples"] == 3 * 6 * 32
+    costs = report["costs"]  # every model charged; top-2 MoE inference costs more than the dense base
+    assert set(costs) == set(report["models"]) and costs["base"]["train_flops"] == 0
+    assert costs["dmu"]["image_flops"] > costs["base"]["image_flops"] == costs["dense_ft"]["image_flops"]
+    assert costs["dmu"]["train_samples"] == costs["upcycle"]["train_samples"] == b["dmu_total_samples"]
+    assert costs["dmu_router_experts"]["train_flops"] > costs["dmu"]["train_flops"] > 0
     assert (out / "report.md").read_text().startswith("# DMU report")
     # the saved model reproduces the report's DMU numbers through the CLI
     ev = subprocess.run([str(Path(sys.executable).parent / "moeclip"), "eval", "--model", str(out / "model"),
