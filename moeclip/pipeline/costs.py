@@ -29,7 +29,8 @@ def model_costs(base: nn.Module, make_moe: Callable[[float], nn.Module], cfg: An
     moe_infer = inference_flops(moe)
     per_pair = {mode: train_flops_per_pair(moe, set_trainable(moe, mode)) for mode in TRAINABLE_MODES}
     stage = cfg.mcl.train.steps * cfg.mcl.train.global_batch
-    mcl_flops = num_stages * (stage * dense_ffn_pair + embed_pass)
+    embed_passes = 1 if cfg.mcl.construction == "specialists" else num_stages  # specialists: one partition
+    mcl_flops = num_stages * stage * dense_ffn_pair + embed_passes * embed_pass
 
     def row(n: int, flops: float, infer: dict[str, int]) -> dict[str, float]:
         return {"train_samples": n, "train_flops": float(flops), "image_flops": infer["image"],

@@ -18,7 +18,7 @@ from torch import nn
 
 from moeclip import io
 from moeclip.config import to_dict
-from moeclip.data.dataset import CaptionDataset
+from moeclip.data.dataset import CaptionDataset, Collate
 from moeclip.data.formats import data_format
 from moeclip.eval.evaluate import find_factors
 from moeclip.loader import load, save_model_dir
@@ -35,6 +35,7 @@ from moeclip.train.dist import DistributedConfig, make_runtime
 from moeclip.train.mcl_stages import MCLConfig, run_mcl
 from moeclip.train.loop import require_finished, train
 from moeclip.train.moe_finetune import MoEFinetuneConfig, finetune_moe
+from moeclip.train.specialists import init_routers_from_partitions
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     for s in range(1, len(experts)):
         evals(f"mcl_stage_{s}", lambda s=s: _stage_model(base, experts[s]))
 
-    dmu = _upcycled(base, experts, len(experts), cfg)
+    dmu = _seed_routers(_upcycled(base, experts, len(experts), cfg), cfg, mcl_dir, train_ds, tokenizer, runtime)
     model_dir = out / "model"
     ft = _finetune_once(dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, runtime,
                         cfg.seed, "DMU router FT", {"pipeline": "dmu", "config": to_dict(cfg)})
@@ -124,7 +125,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         budget = ft["samples"]
     baseline_info = {}
     if bl.dmu_router_experts:
-        dx = _upcycled(base, experts, len(experts), cfg)
+        dx = _seed_routers(_upcycled(base, experts, len(experts), cfg), cfg, mcl_dir, train_ds, tokenizer, runtime)
         xcfg = copy.deepcopy(cfg.router_ft)
         xcfg.mode = "router+experts"
         xcfg.train.lr = bl.upcycle_finetune.train.lr
@@ -221,6 +222,15 @@ def _upcycled(base: nn.Module, experts: list[dict[str, torch.Tensor]] | None, nu
         return upcycle(copy.deepcopy(base), experts, num_experts=num_experts, top_k=u.top_k, layers=u.layers,
                        towers=cfg.mcl.towers, jitter=u.jitter, router_init_std=u.router_init_std,
                        drop_ratio=drop_ratio, shared_expert=u.shared_expert)
+
+
+def _seed_routers(model: nn.Module, cfg: DMUConfig, mcl_dir: Path, ds: CaptionDataset, tokenizer: Callable,
+                  runtime: Runtime) -> nn.Module:
+    """Specialist experts: routers start from their partitions' centroids (c-BTM); DMU's keep their init."""
+    if cfg.mcl.construction == "specialists":
+        init_routers_from_partitions(model, ds, io.load_npy(mcl_dir / "stage_0" / "groups.npy"), Collate(tokenizer),
+                                     runtime, seed=cfg.seed)
+    return model
 
 
 def _stage_model(base: nn.Module, ffn: dict[str, torch.Tensor]) -> nn.Module:
