@@ -4,7 +4,7 @@
 # re-running skips what is done. Each full run takes ~17 min on 2 CPU cores; run one at a time (on this machine
 # two runs side by side go no faster than one after the other).
 #
-#   bash bench/dmu_study.sh [default|muted|ablations|constructions|variants|published|tables]...   (no argument: all)
+#   bash bench/dmu_study.sh [default|muted|ablations|constructions|adaptation|variants|published|tables]...   (no argument: all)
 #   SEEDS="0" bash bench/dmu_study.sh constructions    (only seed 0's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +48,15 @@ constructions() {  # issue #16's constructions on each default seed's own MCL st
   done
 }
 
+adaptation() {  # a general CLIP adapted to a new domain: base-tiny (pre-trained on the default corpus) trained on
+  # the muted corpus, every model also evaluated on the default corpus's validation set (retention)
+  [ -f data/synth/val.csv ] || moeclip synth --out data/synth
+  for s in ${SEEDS:-0 1 2}; do
+    $LAUNCH output_dir=runs/adapt_s$s seed=$s data.train=data/synth_muted/train.csv data.val=data/synth_muted/val.csv \
+      data.synth.out=data/synth_muted data.synth.preset=muted data.also_val.old=data/synth/val.csv
+  done
+}
+
 variants() {  # MCL variants on seeds 0 and 1, DMU only (the baselines do not depend on these switches)
   for s in 0 1; do $LAUNCH output_dir=runs/var/start_prev_s$s mcl.start_from=previous seed=$s $NO_BASELINES; done
 }
@@ -65,8 +74,9 @@ tables() {
   agg published runs/dmu_published/report.json
   agg start_prev runs/var/start_prev_s0/report.json runs/var/start_prev_s1/report.json
   for c in zero_router shared drop; do agg con_$c runs/con/${c}_s{0,1,2}/report.json; done
+  agg adaptation runs/adapt_s{0,1,2}/report.json
 }
 
-for step in "${@:-default muted ablations constructions variants published tables}"; do
+for step in "${@:-default muted ablations constructions adaptation variants published tables}"; do
   for s in $step; do "$s"; done
 done

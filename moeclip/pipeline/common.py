@@ -35,6 +35,9 @@ class DataConfig:
     # DataLoader workers of the evaluation passes (each training step has its own `train.num_workers`, which
     # MCL's embedding pass also uses); batches are pinned on a GPU
     workers: int = 0
+    # more validation files every model is also evaluated on (name: path), e.g. `data.also_val.old=...` for the
+    # old domain after adapting to a new one (retention); reported per model beside the main validation set
+    also_val: dict[str, str] = field(default_factory=dict)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -67,6 +70,10 @@ def open_train_data(data: DataConfig, preprocess: Callable):
 
 def ensure_data(data: DataConfig, is_main: bool = True) -> None:
     """Write the synthetic corpus if the configured tables are absent and synth is enabled."""
+    for name, path in data.also_val.items():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"data.also_val.{name} '{path}' not found; point it at an existing validation "
+                                    "file (e.g. the old domain's, written by its own run or `moeclip synth`)")
     if Path(data.train).exists() and Path(data.val).exists():
         return
     if not data.synth.enabled:

@@ -56,3 +56,27 @@ def model_costs(base: nn.Module, make_moe: Callable[[float], nn.Module], cfg: An
     if "dense_ft" in samples:
         out["dense_ft"] = row(samples["dense_ft"], samples["dense_ft"] * dense_ffn_pair, dense_infer)
     return out
+
+
+def costs_markdown(report: dict[str, Any]) -> list[str]:
+    """report.md's cost table (GFLOPs), with each model's mean R@1 beside it, and the retention tables of
+    `data.also_val` sets; [] when the report has neither."""
+    lines: list[str] = []
+    costs, models = report.get("costs", {}), report.get("models", {})
+    if costs:
+        lines += ["", "## Cost per model", "", "Training: everything the model's weights went through (MCL stages "
+                  "and their embedding passes included), counted on the real forward and backward; inference: one "
+                  "image, one caption (matrix products and attention only).", "",
+                  "| model | mean R@1 | training samples | training GFLOPs | GFLOPs / image | GFLOPs / caption |",
+                  "|---|---|---|---|---|---|"]
+        for name, c in costs.items():
+            r1 = models.get(name, {}).get("mean_R@1")
+            lines.append(f"| {name} | {'–' if r1 is None else f'{100 * r1:.1f}'} | {c['train_samples']:,} | "
+                         f"{c['train_flops'] / 1e9:,.0f} | {c['image_flops'] / 1e9:.3f} | {c['caption_flops'] / 1e9:.3f} |")
+    for vset, results in report.get("also_val", {}).items():
+        lines += ["", f"## Also evaluated on `{vset}` (mean R@1 %, next to the main validation set)", "",
+                  f"| model | main | {vset} |", "|---|---|---|"]
+        for name, m in results.items():
+            lines.append(f"| {name} | {100 * models.get(name, {}).get('mean_R@1', float('nan')):.1f} | "
+                         f"{100 * m['mean_R@1']:.1f} |")
+    return lines

@@ -103,7 +103,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     factors = find_factors(cfg.data.train) if data_format(cfg.data.train) == "table" else None
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
     evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root,
-                      cfg.data.workers)
+                      cfg.data.workers, cfg.data.also_val)
 
     mcl_dir = Path(cfg.mcl_dir) if cfg.mcl_dir else out / "mcl"
     experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, mcl_dir, runtime, cfg.seed, factor_columns)
@@ -156,6 +156,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     if main:
         report = {
             "models": evals.results,
+            **({"also_val": evals.also_results} if evals.also_results else {}),
             "config": to_dict(cfg),
             "timings": _timings(out, mcl_dir, len(experts), started),
             "mcl": [io.read_json(mcl_dir / f"stage_{s}" / "stage.json")["clusters"]

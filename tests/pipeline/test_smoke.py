@@ -51,7 +51,7 @@ def test_dmu_smoke_end_to_end(tmp_path):
     abl = tmp_path / "abl"
     abl_cmd = [*cmd, f"output_dir={abl}", f"mcl_dir={out / 'mcl'}", "mcl.num_experts=2", "upcycle.top_k=1",
                "baselines.upcycle=false", "baselines.dense_ft=false", "baselines.dmu_router_experts=false",
-               "baselines.drop_upcycle=true"]
+               "baselines.drop_upcycle=true", f"data.also_val.again={data}/val.csv"]
     # stop_at leaves after a checkpoint without passing the half-trained router off as finished
     stop = subprocess.run([*abl_cmd, "router_ft.train.stop_at=3"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -62,6 +62,8 @@ def test_dmu_smoke_end_to_end(tmp_path):
     rep = json.loads((abl / "report.json").read_text())
     assert set(rep["models"]) == {"base", "mcl_stage_1", "dmu", "drop_upcycle"} and not (abl / "mcl").exists()
     assert rep["budgets"]["drop_upcycle_samples"] == rep["budgets"]["dmu_total_samples"]
+    assert set(rep["also_val"]["again"]) == set(rep["models"])  # every model also on the second set
+    assert rep["also_val"]["again"]["dmu"]["mean_R@1"] == rep["models"]["dmu"]["mean_R@1"]
     assert rep["models"]["mcl_stage_1"] == report["models"]["mcl_stage_1"]
     assert json.loads((abl / "model" / "config.json").read_text())["moe"]["top_k"] == 1
     # stages made with other settings are refused, naming the setting
