@@ -37,14 +37,16 @@ ablations() {  # DMU on the first 1 or 2 MCL stages (2 or 3 experts), and top-1 
 }
 
 constructions() {  # issue #16's constructions on each default seed's own MCL stages (DMU's stages, reused):
-  # the zero-initialised router (the old default), a shared expert beside the routed ones, and Drop-Upcycling
-  # (r = 0.5, trained like the upcycle baseline at the same budget)
+  # the zero-initialised router (the old default), a shared expert beside the routed ones, Drop-Upcycling
+  # (r = 0.5, trained like the upcycle baseline at the same budget), and cluster-specialist experts
   for s in ${SEEDS:-0 1 2}; do
     run=runs/dmu; [ "$s" = 0 ] || run=runs/dmu_s$s
     [ -f $run/report.json ] || continue
     $LAUNCH output_dir=runs/con/zero_router_s$s mcl_dir=$run/mcl upcycle.router_init_std=0.0 seed=$s $NO_BASELINES
     $LAUNCH output_dir=runs/con/shared_s$s mcl_dir=$run/mcl upcycle.shared_expert=true seed=$s $NO_BASELINES
     $LAUNCH output_dir=runs/con/drop_s$s mcl_dir=$run/mcl baselines.drop_upcycle=true seed=$s $NO_BASELINES
+    # cluster specialists train their own experts (one partition each, same steps as an MCL stage)
+    $LAUNCH output_dir=runs/con/specialists_s$s mcl.construction=specialists seed=$s $NO_BASELINES
   done
 }
 
@@ -73,7 +75,7 @@ tables() {
   for a in e2 e3 top1; do agg abl_$a runs/abl/${a}_s{0,1,2}/report.json; done
   agg published runs/dmu_published/report.json
   agg start_prev runs/var/start_prev_s0/report.json runs/var/start_prev_s1/report.json
-  for c in zero_router shared drop; do agg con_$c runs/con/${c}_s{0,1,2}/report.json; done
+  for c in zero_router shared drop specialists; do agg con_$c runs/con/${c}_s{0,1,2}/report.json; done
   agg adaptation runs/adapt_s{0,1,2}/report.json
 }
 
