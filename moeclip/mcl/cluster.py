@@ -2,7 +2,9 @@
 
 Group ids are renumbered densely after accumulation (the partition is what matters), so any
 number of stages fits in int64. Small groups are merged into their nearest neighbour by centroid
-instead of being dropped, as the published code did: no sample is lost.
+instead of being dropped, as the published code did: no sample is lost (`moeclip.mcl.merge`).
+k-means at MCL's default k = N / group_size is hierarchical MiniBatchKMeans (see `kmeans`): sklearn's,
+since faiss is not a dependency (not installed here, so not measured).
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import normalized_mutual_info_score
+
+from moeclip.mcl.merge import merge_small_groups
+from moeclip.mcl.store import l2, normalised, read_chunks
 
 
 @dataclass
@@ -25,17 +30,93 @@ class StageClusters:
     merges: int
 
 
-def kmeans(features: np.ndarray, k: int, seed: int, minibatch_above: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and centroids; MiniBatchKMeans (k-means++ init) for large N, full KMeans below."""
-    x = _l2(features)
-    if len(x) < k:
-        raise ValueError(f"cannot make {k} clusters from {len(x)} samples; lower k_img/k_txt")
-    if len(x) > minibatch_above:
-        km = MiniBatchKMeans(n_clusters=k, init="k-means++", random_state=seed, batch_size=4096, n_init=3)
-    else:
+BRANCH = 64              # most clusters one k-means call makes; more are made level by level
+FULL_KMEANS_ROWS = 100_000  # full KMeans (n_init 3) only for small problems: N <= this and k <= BRANCH
+
+
+def kmeans(features: np.ndarray, k: int, seed: int, minibatch_above: int = FULL_KMEANS_ROWS
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and centroids of L2-normalised rows; `features` may be float16 or a memmap (read in chunks).
+
+    k <= 64: one k-means (full KMeans for N <= 100k, else MiniBatchKMeans fitted on a sample). Larger k
+    (MCL's default k = N / group_size) is hierarchical: MiniBatchKMeans into b = min(64, ceil(sqrt(k)))
+    clusters, k shared among them by size, and each split again until k <= 64. Every row is assigned to
+    the nearest centroid of each level once, so the cost is about N x dim x (b per level x levels)
+    instead of N x dim x k: ~N^1.5 while two levels suffice (k <= 4096), N log N beyond. Deterministic for
+    a seed (every fit has a seed derived from it and the cluster's path).
+    """
+    n = len(features)
+    if n < k:
+        raise ValueError(f"cannot make {k} clusters from {n} samples; lower k_img/k_txt")
+    labels = np.empty(n, dtype=np.int64)
+    cents: list[np.ndarray] = []
+    _split(features, np.arange(n), k, seed, labels, cents, minibatch_above if k <= BRANCH else 0)
+    return labels, np.concatenate(cents).astype(np.float32)
+
+
+def _split(x: np.ndarray, rows: np.ndarray, k: int, seed: int, labels: np.ndarray, cents: list[np.ndarray],
+           full_below: int) -> None:
+    if k <= BRANCH:
+        c = _fit(x, rows, k, seed, full_below)
+        labels[rows] = _assign(x, rows, c) + sum(len(a) for a in cents)
+        cents.append(c)
+        return
+    b = min(BRANCH, int(np.ceil(np.sqrt(k))))
+    coarse = _assign(x, rows, _fit(x, rows, b, seed, 0))
+    sizes = np.bincount(coarse, minlength=b)
+    ks = _share(k, sizes)
+    order = np.argsort(coarse, kind="stable")
+    bounds = np.r_[0, np.cumsum(sizes)]
+    for c in range(b):
+        if ks[c]:
+            _split(x, rows[order[bounds[c]:bounds[c + 1]]], int(ks[c]), (seed * 1_000_003 + 7919 * (c + 1)) % 2**31,
+                   labels, cents, full_below)
+
+
+def _share(k: int, sizes: np.ndarray) -> np.ndarray:
+    """k split over clusters in proportion to their sizes (largest remainder), >= 1 and <= size each."""
+    ks = np.minimum(np.maximum(np.floor(k * sizes / sizes.sum()).astype(np.int64), (sizes > 0).astype(np.int64)), sizes)
+    rem = k * sizes / sizes.sum() - ks
+    while ks.sum() < k:
+        room = np.flatnonzero(ks < sizes)
+        ks[room[np.argmax(rem[room])]] += 1
+        rem[room[np.argmax(rem[room])]] -= 1
+    while ks.sum() > k:
+        over = np.flatnonzero(ks > 1)
+        ks[over[np.argmin(rem[over])]] -= 1
+        rem[over[np.argmin(rem[over])]] += 1
+    return ks
+
+
+def _fit(x: np.ndarray, rows: np.ndarray, k: int, seed: int, full_below: int) -> np.ndarray:
+    """Centroids from a seeded sample of `rows` (all of them if few): 256 rows per cluster, >= 32k."""
+    if k == 1:
+        return _mean(x, rows)
+    if len(rows) <= full_below:
+        sample = rows
         km = KMeans(n_clusters=k, init="k-means++", random_state=seed, n_init=3)
-    labels = km.fit_predict(x)
-    return labels.astype(np.int64), km.cluster_centers_.astype(np.float32)
+    else:
+        take = min(len(rows), max(256 * k, 32_768))
+        sample = np.sort(np.random.default_rng(seed).choice(rows, take, replace=False)) if take < len(rows) else rows
+        km = MiniBatchKMeans(n_clusters=k, init="k-means++", random_state=seed, batch_size=4096, n_init=3)
+    km.fit(l2(x[sample]))
+    return km.cluster_centers_.astype(np.float32)
+
+
+def _mean(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    total = np.zeros(x.shape[1])
+    for _, part in read_chunks(x, rows=rows):
+        total += l2(part).sum(0, dtype=np.float64)
+    return (total / len(rows))[None].astype(np.float32)
+
+
+def _assign(x: np.ndarray, rows: np.ndarray, cents: np.ndarray) -> np.ndarray:
+    """Nearest centroid of each row (float32 chunks; ties to the lowest index)."""
+    out = np.empty(len(rows), dtype=np.int64)
+    half = 0.5 * (cents.astype(np.float32) ** 2).sum(1)
+    for sl, part in read_chunks(x, rows=rows):
+        out[sl] = np.argmax(l2(part) @ cents.T - half, axis=1)
+    return out
 
 
 def accumulate(previous: np.ndarray | None, joint: np.ndarray) -> np.ndarray:
@@ -46,68 +127,37 @@ def accumulate(previous: np.ndarray | None, joint: np.ndarray) -> np.ndarray:
     return np.unique(key, return_inverse=True)[1].astype(np.int64)
 
 
-def merge_small_groups(labels: np.ndarray, features: np.ndarray, min_size: int) -> tuple[np.ndarray, int]:
-    """Merge the smallest group below `min_size` into the group with the nearest centroid, repeatedly."""
-    labels = np.unique(labels, return_inverse=True)[1]
-    n = int(labels.max()) + 1
-    counts = np.bincount(labels, minlength=n).astype(np.float64)
-    sums = np.zeros((n, features.shape[1]))
-    np.add.at(sums, labels, features)
-    target = np.arange(n)  # where each original group ended up
-    alive = np.ones(n, dtype=bool)
-    merges = 0
-    while alive.sum() > 1:
-        live = np.flatnonzero(alive)
-        small = live[np.argmin(counts[live])]
-        if counts[small] >= min_size:
-            break
-        cents = sums[live] / counts[live, None]
-        d = ((cents - sums[small] / counts[small]) ** 2).sum(1)
-        d[live == small] = np.inf
-        into = live[np.argmin(d)]
-        sums[into] += sums[small]
-        counts[into] += counts[small]
-        alive[small] = False
-        target[target == small] = into
-        merges += 1
-    return np.unique(target[labels], return_inverse=True)[1].astype(np.int64), merges
-
-
 def cluster_stage(image_features: np.ndarray, text_features: np.ndarray, previous: np.ndarray | None,
                   k_img: int, k_txt: int, min_group: int, seed: int, features: str = "separate",
-                  project_out: tuple[np.ndarray, np.ndarray] | None = None) -> StageClusters:
+                  project_out: tuple[np.ndarray, np.ndarray] | None = None,
+                  previous_groups: np.ndarray | None = None) -> StageClusters:
     """One stage's clustering.
 
     features="separate" is the published recipe (k-means per modality, joint label t * k_img + i);
     "joint" clusters the concatenated image+text features into k_img * k_txt clusters (joint label
     = cluster id; the per-modality labels are then that id too). `project_out` = (image, text)
     directions to remove first, e.g. the previous stage's centroids, so the stage cannot simply
-    re-find the partition it already used.
+    re-find the partition it already used. Inputs may be float16 memmaps: the one full copy made is the
+    float16 normalised [image | text] matrix. `previous_groups` (the previous stage's merged groups) makes
+    small groups merge among groups of the same previous group first (see `merge.merge_small_groups`).
     """
-    img, txt = _l2(image_features), _l2(text_features)
-    if project_out is not None:
-        img, txt = _remove_directions(img, project_out[0]), _remove_directions(txt, project_out[1])
+    dim = image_features.shape[1]
+    both = normalised([image_features, text_features], list(project_out) if project_out is not None else None)
+    img, txt = both[:, :dim], both[:, dim:]
     if features == "separate":
         il, ic = kmeans(img, k_img, seed)
         tl, tc = kmeans(txt, k_txt, seed + 1)
         joint = tl * k_img + il
     elif features == "joint":
-        joint, cents = kmeans(np.concatenate([img, txt], axis=1), k_img * k_txt, seed)
+        joint, cents = kmeans(both, k_img * k_txt, seed)
         il, tl = joint, joint
-        ic, tc = cents[:, :img.shape[1]], cents[:, img.shape[1]:]
+        ic, tc = cents[:, :dim], cents[:, dim:]
     else:
         raise ValueError(f"mcl.cluster_features must be 'separate' or 'joint', got {features!r}")
     acc = accumulate(previous, joint)
-    both = np.concatenate([img, txt], axis=1)
-    groups, merges = merge_small_groups(acc, both, min_group)
+    within = previous_groups if previous is not None else None
+    groups, merges = merge_small_groups(acc, both, min_group, within=within)
     return StageClusters(il, tl, joint, acc, groups, ic, tc, merges)
-
-
-def _remove_directions(x: np.ndarray, directions: np.ndarray) -> np.ndarray:
-    """Project out the span of `directions` (rows) and re-normalise."""
-    q, _ = np.linalg.qr(np.asarray(directions, dtype=np.float64).T)
-    y = x - (x @ q) @ q.T
-    return _l2(y)
 
 
 def alignment(labels: np.ndarray, columns: dict[str, list[str]]) -> dict[str, float]:
@@ -117,8 +167,3 @@ def alignment(labels: np.ndarray, columns: dict[str, list[str]]) -> dict[str, fl
 
 def group_sizes(labels: np.ndarray) -> list[int]:
     return sorted(np.bincount(labels).tolist(), reverse=True)
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -1,0 +1,140 @@
+"""Merging groups smaller than a global batch into their nearest neighbour, in vectorised passes.
+
+The earlier code merged one group at a time (smallest first, centroids recomputed after every merge):
+O(groups^2 x dim) per merge, which at 23k groups (50k pairs, stage 2) ran for over 11 minutes. Here a
+pass finds the nearest live centroid of *every* small group at once (one matmul per block of small
+groups) and applies a conflict-free subset of those merges together; passes repeat until no small group
+is left. Rules, in this order:
+
+- a group is small if its count < min_size; small groups are visited by (count, id) ascending, the
+  order the one-at-a-time merge used;
+- the nearest neighbour is the live group with the smallest squared Euclidean distance between
+  centroids (float64), itself excluded; ties go to the lowest group id;
+- `within` (optional, one label per sample) restricts neighbours to groups with the same `within`
+  label (every group must lie inside one); groups whose whole block is still small afterwards are
+  then merged without the restriction;
+- in one pass a small group s merging into t is applied unless s already received a merge in this
+  pass, t was already merged away in this pass, or t was small at the start of the pass and has
+  already reached min_size in it (then s waits for the next pass, with fresh centroids). So each pass
+  is a set of stars, every merge uses centroids from the start of its pass, and a star around a small
+  group stops growing once it is large enough (otherwise, where every group is small - the default
+  recipe's stage 1, k = N / 256 with min size 1,024 - one pass gathers dozens of groups into one).
+
+This equals the one-at-a-time merge whenever no small group's nearest neighbour changes because of an
+earlier merge of the same pass (true on the tests' inputs; `tests/mcl/test_merge.py` checks it against
+the old function); in general the two can differ where the old order would have moved a centroid first.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from moeclip.mcl.store import chunks
+
+
+def group_sums(labels: np.ndarray, features: np.ndarray, n: int, chunk: int = 16_384) -> np.ndarray:
+    """Per-group feature sums (float64), read `features` (any dtype, e.g. a float16 memmap) in chunks."""
+    sums = np.zeros((n, features.shape[1]))
+    for sl in chunks(len(labels), chunk):
+        lab = labels[sl]
+        order = np.argsort(lab, kind="stable")
+        keys, starts = np.unique(lab[order], return_index=True)
+        sums[keys] += np.add.reduceat(np.asarray(features[sl], dtype=np.float64)[order], starts, axis=0)
+    return sums
+
+
+def merge_small_groups(labels: np.ndarray, features: np.ndarray, min_size: int,
+                       within: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Dense group ids after merging every group below `min_size` (unless only one is left), and the number
+    of merges. `features` may be float16 or a memmap: it is read once, in chunks, for group sums."""
+    labels = np.unique(labels, return_inverse=True)[1].astype(np.int64)
+    n = int(labels.max()) + 1 if len(labels) else 0
+    counts = np.bincount(labels, minlength=n).astype(np.float64)
+    sums = group_sums(labels, features, n)
+    parent = np.arange(n)
+    alive = np.ones(n, dtype=bool)
+    merges = 0
+    if within is not None:
+        block = np.zeros(n, dtype=np.int64)
+        block[labels] = np.asarray(within, dtype=np.int64)
+        merges += _passes(sums, counts, alive, parent, min_size, block)
+    merges += _passes(sums, counts, alive, parent, min_size, None)
+    root = _roots(parent)
+    return np.unique(root[labels], return_inverse=True)[1].astype(np.int64), merges
+
+
+def _passes(sums, counts, alive, parent, min_size: int, block: np.ndarray | None) -> int:
+    merges = 0
+    while True:
+        live = np.flatnonzero(alive)
+        if len(live) <= 1:
+            return merges
+        small = live[counts[live] < min_size]
+        if not len(small):
+            return merges
+        small = small[np.lexsort((small, counts[small]))]   # (count, id) ascending
+        if block is None:
+            into = _nearest(sums, counts, small, live)
+        else:
+            into = np.full(len(small), -1)
+            bl, bs = block[live], block[small]
+            for b in np.unique(bs):
+                cand, mine = live[bl == b], np.flatnonzero(bs == b)
+                if len(cand) > 1:
+                    into[mine] = _nearest(sums, counts, small[mine], cand)
+        done = _apply(small, into, sums, counts, alive, parent, min_size)
+        if not done:
+            return merges
+        merges += done
+
+
+def _nearest(sums: np.ndarray, counts: np.ndarray, query: np.ndarray, cand: np.ndarray,
+             rows: int = 1024) -> np.ndarray:
+    """For each query group, the candidate group (ids ascending) with the nearest centroid, itself excluded;
+    ties to the lowest id (argmin takes the first)."""
+    cents = sums[cand] / counts[cand, None]
+    sq = (cents ** 2).sum(1)
+    out = np.empty(len(query), dtype=np.int64)
+    pos = np.searchsorted(cand, query)
+    for i in range(0, len(query), rows):
+        q = sums[query[i:i + rows]] / counts[query[i:i + rows], None]
+        d = sq[None, :] - 2.0 * (q @ cents.T) + (q ** 2).sum(1)[:, None]
+        d[np.arange(len(q)), pos[i:i + rows]] = np.inf
+        out[i:i + rows] = cand[np.argmin(d, axis=1)]
+    return out
+
+
+def _apply(small: np.ndarray, into: np.ndarray, sums, counts, alive, parent, min_size: int) -> int:
+    """Apply, in `small`'s order, every merge whose source has not received one and whose target has not
+    been merged away in this pass; a target that was small at the start of the pass takes merges only until
+    it reaches min_size (as in the one-at-a-time order, where it would then stop being merged into by
+    groups that have a nearer neighbour after its centroid moved; this keeps groups near min_size
+    instead of gathering every small neighbour into one star)."""
+    received = np.zeros(len(alive), dtype=bool)
+    gone = np.zeros(len(alive), dtype=bool)
+    size = counts.copy()
+    src, dst = [], []
+    for s, t in zip(small.tolist(), into.tolist()):
+        if t < 0 or received[s] or gone[t] or (counts[t] < min_size <= size[t]):
+            continue
+        received[t] = True
+        gone[s] = True
+        size[t] += size[s]
+        src.append(s); dst.append(t)
+    if not src:
+        return 0
+    src, dst = np.array(src), np.array(dst)
+    np.add.at(sums, dst, sums[src])
+    np.add.at(counts, dst, counts[src])
+    alive[src] = False
+    parent[src] = dst
+    return len(src)
+
+
+def _roots(parent: np.ndarray) -> np.ndarray:
+    """Follow merge pointers to the surviving group (pointer jumping)."""
+    root = parent.copy()
+    while True:
+        nxt = root[root]
+        if (nxt == root).all():
+            return root
+        root = nxt
