@@ -50,19 +50,20 @@ def kmeans(features: np.ndarray, k: int, seed: int, minibatch_above: int = FULL_
         raise ValueError(f"cannot make {k} clusters from {n} samples; lower k_img/k_txt")
     labels = np.empty(n, dtype=np.int64)
     cents: list[np.ndarray] = []
-    _split(features, np.arange(n), k, seed, labels, cents, minibatch_above if k <= BRANCH else 0)
+    flat = k <= BRANCH
+    _split(features, np.arange(n), k, seed, labels, cents, minibatch_above if flat else 0, flat)
     return labels, np.concatenate(cents).astype(np.float32)
 
 
 def _split(x: np.ndarray, rows: np.ndarray, k: int, seed: int, labels: np.ndarray, cents: list[np.ndarray],
-           full_below: int) -> None:
+           full_below: int, flat: bool) -> None:
     if k <= BRANCH:
-        c = _fit(x, rows, k, seed, full_below)
+        c = _fit(x, rows, k, seed, full_below, flat)
         labels[rows] = _assign(x, rows, c) + sum(len(a) for a in cents)
         cents.append(c)
         return
     b = min(BRANCH, int(np.ceil(np.sqrt(k))))
-    coarse = _assign(x, rows, _fit(x, rows, b, seed, 0))
+    coarse = _assign(x, rows, _fit(x, rows, b, seed, 0, flat))
     sizes = np.bincount(coarse, minlength=b)
     ks = _share(k, sizes)
     order = np.argsort(coarse, kind="stable")
@@ -70,7 +71,7 @@ def _split(x: np.ndarray, rows: np.ndarray, k: int, seed: int, labels: np.ndarra
     for c in range(b):
         if ks[c]:
             _split(x, rows[order[bounds[c]:bounds[c + 1]]], int(ks[c]), (seed * 1_000_003 + 7919 * (c + 1)) % 2**31,
-                   labels, cents, full_below)
+                   labels, cents, full_below, flat)
 
 
 def _share(k: int, sizes: np.ndarray) -> np.ndarray:
@@ -88,7 +89,7 @@ def _share(k: int, sizes: np.ndarray) -> np.ndarray:
     return ks
 
 
-def _fit(x: np.ndarray, rows: np.ndarray, k: int, seed: int, full_below: int) -> np.ndarray:
+def _fit(x: np.ndarray, rows: np.ndarray, k: int, seed: int, full_below: int, flat: bool = True) -> np.ndarray:
     """Centroids from a seeded sample of `rows` (all of them if few): 256 rows per cluster, >= 32k."""
     if k == 1:
         return _mean(x, rows)
@@ -98,7 +99,10 @@ def _fit(x: np.ndarray, rows: np.ndarray, k: int, seed: int, full_below: int) ->
     else:
         take = min(len(rows), max(256 * k, 32_768))
         sample = np.sort(np.random.default_rng(seed).choice(rows, take, replace=False)) if take < len(rows) else rows
-        km = MiniBatchKMeans(n_clusters=k, init="k-means++", random_state=seed, batch_size=4096, n_init=3)
+        # one k-means++ start per fit inside the hierarchy (it makes ~k/64 + 1 fits; 3 starts cost ~3x the
+        # fit time), three for a flat k-means as before
+        km = MiniBatchKMeans(n_clusters=k, init="k-means++", random_state=seed, batch_size=4096,
+                             n_init=3 if flat else 1)
     km.fit(l2(x[sample]))
     return km.cluster_centers_.astype(np.float32)
 

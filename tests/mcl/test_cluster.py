@@ -66,3 +66,15 @@ def test_joint_features_mode():
     c = cluster_stage(rng.normal(size=(120, 4)), rng.normal(size=(120, 4)), None, 4, 1, min_group=5, seed=0,
                       features="joint")
     assert len(np.unique(c.joint)) == 4 and (c.image_labels == c.joint).all()
+
+
+def test_hierarchical_kmeans_is_deterministic_and_makes_k_clusters():
+    rng = np.random.default_rng(4)
+    truth = rng.integers(0, 300, 6000)
+    x = (rng.normal(size=(300, 16))[truth] + 0.05 * rng.normal(size=(6000, 16))).astype(np.float16)
+    a, ca = kmeans(x, 150, seed=3)
+    b, cb = kmeans(x, 150, seed=3)
+    assert np.array_equal(a, b) and np.array_equal(ca, cb)
+    assert len(np.unique(a)) == 150 and ca.shape == (150, 16)
+    # clusters follow the planted ones: every cluster is (almost) a union of planted clusters
+    assert alignment(a, {"truth": truth.tolist()})["truth"] > 0.85
