@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from moeclip.data.sampler import GroupBatchSampler  # noqa: E402
-from moeclip.mcl.cluster import accumulate, kmeans  # noqa: E402
+from moeclip.mcl.cluster import accumulate, kmeans, kmeans_path, merge_scope  # noqa: E402
 from moeclip.mcl.merge import merge_small_groups  # noqa: E402
-from moeclip.mcl.store import chunks, l2, normalised, open_memmap  # noqa: E402
+from moeclip.mcl.store import Normalised, chunks, l2, open_memmap  # noqa: E402
 
 LATENT = 2_000
 
@@ -84,14 +84,14 @@ def run(pairs: int, dim: int, stages: int, global_batch: int, group_size: int, s
     with tempfile.TemporaryDirectory(prefix="mcl_scale_") as tmp:
         for s in range(1, stages + 1):
             img, txt = synth(Path(tmp), pairs, dim, s)
-            both = timed(rows, s, "normalise", normalised, [img, txt])
+            both = Normalised([img, txt])   # rows normalised when read: the k-means and merge times include it
             joint, _ = timed(rows, s, "kmeans", kmeans, both, k, seed + s)
             new_acc = timed(rows, s, "accumulate", accumulate, acc, joint)
             groups, merges = timed(rows, s, "merge", merge_small_groups, new_acc, both, global_batch,
-                                   within=groups if acc is not None else None)
+                                   within=merge_scope(new_acc, groups))
             acc = new_acc
             sizes = np.bincount(groups)
-            info.append({"stage": s, "k": k, "clusters": int(len(np.unique(joint))),
+            info.append({"stage": s, "k": k, "kmeans_path": kmeans_path(pairs, k), "clusters": int(len(np.unique(joint))),
                          "accumulated_groups": int(acc.max() + 1), "merges": merges,
                          "groups": int(len(sizes)), "smallest_group": int(sizes.min())})
             print(f"  stage {s}: {info[-1]}", flush=True)
@@ -118,7 +118,7 @@ def main() -> None:
     res = run(a.pairs, a.dim, a.stages, a.global_batch, a.group_size, a.seed)
     print(f"\n| step | " + " | ".join(f"stage {s} s (peak GB)" for s in range(1, a.stages + 1)) + " |")
     print("|---|" + "---|" * a.stages)
-    for step in ("normalise", "kmeans", "accumulate", "merge"):
+    for step in ("kmeans", "accumulate", "merge"):
         cells = [next(r for r in res["steps"] if r["stage"] == s and r["step"] == step) for s in range(1, a.stages + 1)]
         print(f"| {step} | " + " | ".join(f"{c['seconds']} ({c['peak_gb']})" for c in cells) + " |")
     smp = res["steps"][-1]

@@ -16,7 +16,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from threadpoolctl import threadpool_limits
 
 from moeclip.mcl.merge import merge_small_groups
-from moeclip.mcl.store import l2, normalised, read_chunks
+from moeclip.mcl.store import Normalised, l2, read_chunks
 
 
 @dataclass
@@ -31,40 +31,63 @@ class StageClusters:
     merges: int
 
 
-BRANCH = 64              # most clusters one k-means call makes; more are made level by level
-FULL_KMEANS_ROWS = 100_000  # full KMeans (n_init 3) only for small problems: N <= this and k <= BRANCH
+BRANCH = 64                 # most clusters one k-means fit makes in the sampled and hierarchical paths
+FULL_KMEANS_ROWS = 100_000  # full KMeans on every row only up to this many rows...
+FULL_KMEANS_WORK = FULL_KMEANS_ROWS * BRANCH  # ...and this much N x k: the largest flat fit the code ran before
+# Small groups merge among all groups (as MCL always did) up to this many accumulated groups: a pass costs
+# ~groups^2 x dim, ~1 s here at 8k x 1,024-d, and the default corpus makes at most 78^2 = 6,084. Above it
+# they merge first within their previous-stage group (stage 2 at 1M pairs has ~70k groups: hours globally).
+MERGE_GLOBAL_GROUPS = 8_192
 
 
-def kmeans(features: np.ndarray, k: int, seed: int, minibatch_above: int = FULL_KMEANS_ROWS
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and centroids of L2-normalised rows; `features` may be float16 or a memmap (read in chunks).
+def kmeans_path(n: int, k: int) -> str:
+    """Which k-means `kmeans` runs for n rows and k clusters.
 
-    k <= 64: one k-means (full KMeans for N <= 100k, else MiniBatchKMeans fitted on a sample). Larger k
-    (MCL's default k = N / group_size) is hierarchical: MiniBatchKMeans into b = min(64, ceil(sqrt(k)))
-    clusters, k shared among them by size, and each split again until k <= 64. Every row is assigned to
-    the nearest centroid of each level once, so the cost is about N x dim x (b per level x levels)
-    instead of N x dim x k: ~N^1.5 while two levels suffice (k <= 4096), N log N beyond. Deterministic for
-    a seed (every fit has a seed derived from it and the cluster's path).
+    'full': sklearn KMeans on every row, n_init 3, the algorithm MCL has always used on small corpora; kept
+    wherever N <= 100k and N x k <= 100k x 64 (the most work a flat fit did before), which includes the
+    shipped default corpus (20,000 pairs, k = 78: 1.6M) so its clusters do not change with corpus-scale
+    code. Its cost is ~N x k x dim x iterations x 3, so past that it would take minutes to hours:
+    'sampled' (k <= 64: MiniBatchKMeans on a sample, then every row assigned) or 'hierarchical'."""
+    if n <= FULL_KMEANS_ROWS and n * k <= FULL_KMEANS_WORK:
+        return "full"
+    return "sampled" if k <= BRANCH else "hierarchical"
+
+
+def kmeans(features: np.ndarray, k: int, seed: int, path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and centroids of the L2-normalised rows of `features` (float16, a memmap or a `Normalised`
+    view: read in chunks except on the 'full' path, whose N x dim float32 copy is at most 100k rows).
+
+    Paths by `kmeans_path` unless `path` names one. 'hierarchical' (MCL's k = N / group_size on a large corpus): MiniBatchKMeans
+    into b = min(64, ceil(sqrt(k))) clusters, k shared among them by size, and each split again until
+    k <= 64. Every row is assigned to the nearest centroid of each level once, so the cost is about
+    N x dim x (b per level x levels) instead of N x dim x k: ~N^1.5 while two levels suffice (k <= 4096),
+    N log N beyond. Deterministic for a seed (every fit has a seed derived from it and the cluster's path).
     """
     n = len(features)
     if n < k:
         raise ValueError(f"cannot make {k} clusters from {n} samples; lower k_img/k_txt")
+    path = path or kmeans_path(n, k)
+    if path == "full":
+        km = KMeans(n_clusters=k, init="k-means++", random_state=seed, n_init=3)
+        labels = km.fit_predict(l2(features[:]))
+        return labels.astype(np.int64), km.cluster_centers_.astype(np.float32)
     labels = np.empty(n, dtype=np.int64)
     cents: list[np.ndarray] = []
-    flat = k <= BRANCH
-    _split(features, np.arange(n), k, seed, labels, cents, minibatch_above if flat else 0, flat)
+    if (path == "sampled") != (k <= BRANCH):
+        raise ValueError(f"k-means path {path!r} needs k {'<=' if path == 'sampled' else '>'} {BRANCH}, got {k}")
+    _split(features, np.arange(n), k, seed, labels, cents, flat=path == "sampled")
     return labels, np.concatenate(cents).astype(np.float32)
 
 
 def _split(x: np.ndarray, rows: np.ndarray, k: int, seed: int, labels: np.ndarray, cents: list[np.ndarray],
-           full_below: int, flat: bool) -> None:
+           flat: bool) -> None:
     if k <= BRANCH:
-        c = _fit(x, rows, k, seed, full_below, flat)
+        c = _fit(x, rows, k, seed, flat)
         labels[rows] = _assign(x, rows, c) + sum(len(a) for a in cents)
         cents.append(c)
         return
     b = min(BRANCH, int(np.ceil(np.sqrt(k))))
-    coarse = _assign(x, rows, _fit(x, rows, b, seed, 0, flat))
+    coarse = _assign(x, rows, _fit(x, rows, b, seed, flat))
     sizes = np.bincount(coarse, minlength=b)
     ks = _share(k, sizes)
     order = np.argsort(coarse, kind="stable")
@@ -72,7 +95,7 @@ def _split(x: np.ndarray, rows: np.ndarray, k: int, seed: int, labels: np.ndarra
     for c in range(b):
         if ks[c]:
             _split(x, rows[order[bounds[c]:bounds[c + 1]]], int(ks[c]), (seed * 1_000_003 + 7919 * (c + 1)) % 2**31,
-                   labels, cents, full_below, flat)
+                   labels, cents, flat)
 
 
 def _share(k: int, sizes: np.ndarray) -> np.ndarray:
@@ -90,22 +113,20 @@ def _share(k: int, sizes: np.ndarray) -> np.ndarray:
     return ks
 
 
-def _fit(x: np.ndarray, rows: np.ndarray, k: int, seed: int, full_below: int, flat: bool = True) -> np.ndarray:
+def _fit(x: np.ndarray, rows: np.ndarray, k: int, seed: int, flat: bool = True) -> np.ndarray:
     """Centroids from a seeded sample of `rows` (all of them if few): 128 rows per cluster (at least 32k for
     a flat k-means); every row is assigned afterwards by `_assign`. Inside the hierarchy, early stopping after
     3 mini-batches without improvement (10 for a flat fit): 0.1% more inertia, a third less time."""
     if k == 1:
         return _mean(x, rows)
-    if len(rows) <= full_below:
-        sample = rows
-        km = KMeans(n_clusters=k, init="k-means++", random_state=seed, n_init=3)
-    else:
-        take = min(len(rows), max(128 * k, 32_768) if flat else 128 * k)
-        sample = np.sort(np.random.default_rng(seed).choice(rows, take, replace=False)) if take < len(rows) else rows
-        # one k-means++ start per fit inside the hierarchy (it makes ~k/64 + 1 fits; 3 starts cost ~3x the
-        # fit time), three for a flat k-means as before
-        km = MiniBatchKMeans(n_clusters=k, init="k-means++", random_state=seed, batch_size=4096,
-                             n_init=3 if flat else 1, max_no_improvement=10 if flat else 3)
+    take = min(len(rows), max(128 * k, 32_768) if flat else 128 * k)
+    sample = np.sort(np.random.default_rng(seed).choice(rows, take, replace=False)) if take < len(rows) else rows
+    # one k-means++ start per fit inside the hierarchy (it makes ~k/64 + 1 fits; 3 starts cost ~3x the
+    # fit time), three for a flat k-means as before
+    # k-means++ on 16 rows per cluster (init_size), not sklearn's default 3 x 4,096: it was half of each
+    # fit's time (sklearn computes its float32 distances in float64 chunks) for 0.2% more inertia
+    km = MiniBatchKMeans(n_clusters=k, init="k-means++", random_state=seed, batch_size=4096,
+                         n_init=3 if flat else 1, max_no_improvement=10 if flat else 3, init_size=16 * k)
     # one thread: these fits are small (<= 64 clusters, batches of 4,096), and on this 2-core shared machine
     # sklearn's two OpenMP threads spin-wait: measured 2.9 s with one thread against 12-36 s with two
     # for the same 62-cluster fit of 16k x 1024 rows; the large matmuls (`_assign`) keep every thread
@@ -138,6 +159,14 @@ def accumulate(previous: np.ndarray | None, joint: np.ndarray) -> np.ndarray:
     return np.unique(key, return_inverse=True)[1].astype(np.int64)
 
 
+def merge_scope(accumulated: np.ndarray, previous_groups: np.ndarray | None) -> np.ndarray | None:
+    """The `within` labels small groups first merge inside: the previous stage's groups once there are more
+    than MERGE_GLOBAL_GROUPS accumulated groups, else None (every group a candidate, as MCL always did)."""
+    if previous_groups is None or len(accumulated) == 0 or accumulated.max() + 1 <= MERGE_GLOBAL_GROUPS:
+        return None
+    return previous_groups
+
+
 def cluster_stage(image_features: np.ndarray, text_features: np.ndarray, previous: np.ndarray | None,
                   k_img: int, k_txt: int, min_group: int, seed: int, features: str = "separate",
                   project_out: tuple[np.ndarray, np.ndarray] | None = None,
@@ -148,13 +177,14 @@ def cluster_stage(image_features: np.ndarray, text_features: np.ndarray, previou
     "joint" clusters the concatenated image+text features into k_img * k_txt clusters (joint label
     = cluster id; the per-modality labels are then that id too). `project_out` = (image, text)
     directions to remove first, e.g. the previous stage's centroids, so the stage cannot simply
-    re-find the partition it already used. Inputs may be float16 memmaps: the one full copy made is the
-    float16 normalised [image | text] matrix. `previous_groups` (the previous stage's merged groups) makes
-    small groups merge among groups of the same previous group first (see `merge.merge_small_groups`).
+    re-find the partition it already used. Inputs may be float16 memmaps: rows are normalised when read
+    (`store.Normalised`), so no second copy of the features is made. `previous_groups` (the previous
+    stage's merged groups) makes small groups merge among groups of the same previous group first, once
+    there are more than `MERGE_GLOBAL_GROUPS` groups (see `merge.merge_small_groups`).
     """
-    dim = image_features.shape[1]
-    both = normalised([image_features, text_features], list(project_out) if project_out is not None else None)
-    img, txt = both[:, :dim], both[:, dim:]
+    dirs = list(project_out) if project_out is not None else [None, None]
+    img, txt = Normalised([image_features], dirs[:1]), Normalised([text_features], dirs[1:])
+    both = Normalised([image_features, text_features], dirs)
     if features == "separate":
         il, ic = kmeans(img, k_img, seed)
         tl, tc = kmeans(txt, k_txt, seed + 1)
@@ -162,12 +192,12 @@ def cluster_stage(image_features: np.ndarray, text_features: np.ndarray, previou
     elif features == "joint":
         joint, cents = kmeans(both, k_img * k_txt, seed)
         il, tl = joint, joint
-        ic, tc = cents[:, :dim], cents[:, dim:]
+        ic, tc = cents[:, :img.shape[1]], cents[:, img.shape[1]:]
     else:
         raise ValueError(f"mcl.cluster_features must be 'separate' or 'joint', got {features!r}")
     acc = accumulate(previous, joint)
-    within = previous_groups if previous is not None else None
-    groups, merges = merge_small_groups(acc, both, min_group, within=within)
+    groups, merges = merge_small_groups(acc, both, min_group,
+                                        within=merge_scope(acc, previous_groups if previous is not None else None))
     return StageClusters(il, tl, joint, acc, groups, ic, tc, merges)
 
 

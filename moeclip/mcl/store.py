@@ -2,7 +2,8 @@
 
 Features of a CLIP are L2-normalised, so float16 (3 significant digits) loses nothing k-means can see,
 and halves disk and page cache against float32: 1M pairs x 512 x 2 modalities is 2 GB instead of 4 GB.
-Readers never hold the whole matrix in float32: they convert one chunk at a time.
+Readers never hold the whole matrix in float32: they convert one chunk at a time, and the normalised
+[image | text] rows clustering works on are made per read (`Normalised`), never stored.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Iterator
 import numpy as np
 
 DTYPE = np.float16
-CHUNK = 65_536
+CHUNK = 8_192   # rows per float32 chunk: 32 MB at 1,024-d, below glibc's mmap threshold cap, so
+                # chunk buffers are reused instead of mapped and page-faulted afresh each time
 
 
 def chunks(n: int, size: int = CHUNK) -> Iterator[slice]:
@@ -34,26 +36,36 @@ def read_chunks(x: np.ndarray, size: int = CHUNK, rows: np.ndarray | None = None
         yield sl, np.asarray(part, dtype=dtype)
 
 
-def normalised(parts: list[np.ndarray], directions: list[np.ndarray | None] | None = None,
-               size: int = CHUNK) -> np.ndarray:
-    """float16 [l2(parts[0]) | l2(parts[1]) | ...], each part optionally with the span of its `directions`
-    rows projected out (then re-normalised); built chunkwise, so the only full copy is this float16 one."""
-    n = len(parts[0])
-    dims = [p.shape[1] for p in parts]
-    out = np.empty((n, sum(dims)), dtype=DTYPE)
-    qs = [None if d is None else np.linalg.qr(np.asarray(d, dtype=np.float64).T)[0].astype(np.float32)
-          for d in (directions or [None] * len(parts))]
-    for sl in chunks(n, size):
-        col = 0
-        for p, q, d in zip(parts, qs, dims):
-            x = l2(np.asarray(p[sl], dtype=np.float32))
+class Normalised:
+    """Rows of [l2(parts[0]) | l2(parts[1]) | ...], each part optionally with the span of its `directions`
+    rows projected out (then re-normalised), made when they are read: `view[slice or index array]` is float32.
+
+    Clustering reads the store a few times (k-means fits on samples, assignment, group sums), and making
+    the rows per read costs less than holding them: a float16 copy of [image | text] at 1M pairs is 2 GB
+    on top of the caller's features, a float32 one 4 GB."""
+
+    def __init__(self, parts: list[np.ndarray], directions: list[np.ndarray | None] | None = None) -> None:
+        self.parts = parts
+        self.dims = [p.shape[1] for p in parts]
+        self.shape = (len(parts[0]), sum(self.dims))
+        self.qs = [None if d is None else np.linalg.qr(np.asarray(d, dtype=np.float64).T)[0].astype(np.float32)
+                   for d in (directions or [None] * len(parts))]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        pieces = []
+        for p, q in zip(self.parts, self.qs):
+            x = l2(p[rows])
             if q is not None:
                 x = l2(x - (x @ q) @ q.T)
-            out[sl, col:col + d] = x
-            col += d
-    return out
+            pieces.append(x)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
 
 
 def l2(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    """Unit rows, a new float32 array (normalised in place: one temporary, not three)."""
+    y = np.array(x, dtype=np.float32)
+    y /= np.maximum(np.sqrt(np.einsum("ij,ij->i", y, y)), 1e-12)[:, None]
+    return y

@@ -1,6 +1,9 @@
 import numpy as np
+from sklearn.cluster import KMeans
 
-from moeclip.mcl.cluster import accumulate, alignment, cluster_stage, kmeans, merge_small_groups
+from moeclip.mcl.cluster import (MERGE_GLOBAL_GROUPS, accumulate, alignment, cluster_stage, kmeans, kmeans_path,
+                                 merge_scope, merge_small_groups)
+from moeclip.mcl.store import l2
 
 
 def test_accumulate_refines_partition():
@@ -72,9 +75,35 @@ def test_hierarchical_kmeans_is_deterministic_and_makes_k_clusters():
     rng = np.random.default_rng(4)
     truth = rng.integers(0, 300, 6000)
     x = (rng.normal(size=(300, 16))[truth] + 0.05 * rng.normal(size=(6000, 16))).astype(np.float16)
-    a, ca = kmeans(x, 150, seed=3)
-    b, cb = kmeans(x, 150, seed=3)
+    a, ca = kmeans(x, 150, seed=3, path="hierarchical")
+    b, cb = kmeans(x, 150, seed=3, path="hierarchical")
     assert np.array_equal(a, b) and np.array_equal(ca, cb)
     assert len(np.unique(a)) == 150 and ca.shape == (150, 16)
     # clusters follow the planted ones: every cluster is (almost) a union of planted clusters
     assert alignment(a, {"truth": truth.tolist()})["truth"] > 0.85
+
+
+def test_kmeans_path_keeps_full_kmeans_for_the_default_corpus():
+    """The shipped default (20,000 pairs, k = 20,000 // 256 = 78) and anything up to 100k rows x 64 clusters
+    keep full KMeans; only corpus-scale problems take the sampled or hierarchical path."""
+    assert kmeans_path(20_000, 78) == "full"
+    assert kmeans_path(100_000, 64) == "full" and kmeans_path(50_000, 128) == "full"
+    assert kmeans_path(100_000, 390) == "hierarchical" and kmeans_path(1_000_000, 3_906) == "hierarchical"
+    assert kmeans_path(200_000, 9) == "sampled"
+
+
+def test_full_path_is_sklearn_kmeans_on_the_normalised_rows():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2_000, 16)) + 3 * rng.normal(size=(78, 16))[rng.integers(0, 78, 2_000)]
+    labels, cents = kmeans(x, 78, seed=0)
+    km = KMeans(n_clusters=78, init="k-means++", random_state=0, n_init=3)
+    want = km.fit_predict(l2(x))
+    assert np.array_equal(labels, want) and np.allclose(cents, km.cluster_centers_)
+
+
+def test_small_corpora_merge_among_all_groups():
+    """Up to MERGE_GLOBAL_GROUPS accumulated groups the previous stage's groups do not restrict merging."""
+    prev = np.repeat([0, 1], 50)
+    assert merge_scope(np.arange(100), prev) is None and merge_scope(np.arange(100), None) is None
+    many = np.arange(MERGE_GLOBAL_GROUPS + 1)
+    assert merge_scope(many, np.zeros(len(many), dtype=np.int64)) is not None

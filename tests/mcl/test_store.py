@@ -1,6 +1,6 @@
 import numpy as np
 
-from moeclip.mcl.store import DTYPE, chunks, l2, normalised, open_memmap, read_chunks
+from moeclip.mcl.store import DTYPE, Normalised, chunks, l2, open_memmap, read_chunks
 
 
 def test_float16_round_trip_and_chunked_read(tmp_path):
@@ -25,13 +25,16 @@ def test_float16_round_trip_and_chunked_read(tmp_path):
                           back[rows].astype(np.float32))
 
 
-def test_normalised_concatenates_and_projects_in_chunks():
+def test_normalised_view_concatenates_and_projects_when_read():
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(500, 6)) * 3, rng.normal(size=(500, 4))
-    both = normalised([a.astype(np.float16), b], size=64)
-    assert both.dtype == DTYPE and both.shape == (500, 10)
-    assert np.allclose(both[:, :6].astype(np.float32), l2(a), atol=1e-3)
-    assert np.allclose(both[:, 6:].astype(np.float32), l2(b), atol=1e-3)
+    both = Normalised([a.astype(np.float16), b])
+    assert both.shape == (500, 10) and len(both) == 500
+    rows = np.array([7, 0, 499])
+    assert both[rows].dtype == np.float32 and both[10:74].shape == (64, 10)
+    assert np.allclose(both[:][:, :6], l2(a), atol=1e-3) and np.allclose(both[:][:, 6:], l2(b), atol=1e-6)
+    assert np.array_equal(both[rows], both[:][rows])
+    assert np.array_equal(np.concatenate([p for _, p in read_chunks(both, size=64)]), both[:])
     d = rng.normal(size=(2, 6))
-    proj = normalised([a, b], [d, None], size=100)[:, :6].astype(np.float32)
-    assert np.abs(proj @ d.T).max() < 1e-2 and np.allclose(np.linalg.norm(proj, axis=1), 1, atol=1e-3)
+    proj = Normalised([a, b], [d, None])[:][:, :6]
+    assert np.abs(proj @ d.T).max() < 1e-5 and np.allclose(np.linalg.norm(proj, axis=1), 1, atol=1e-6)
