@@ -3,8 +3,9 @@
 Group ids are renumbered densely after accumulation (the partition is what matters), so any
 number of stages fits in int64. Small groups are merged into their nearest neighbour by centroid
 instead of being dropped, as the published code did: no sample is lost (`moeclip.mcl.merge`).
-k-means at MCL's default k = N / group_size is hierarchical MiniBatchKMeans (see `kmeans`): sklearn's,
-since faiss is not a dependency (not installed here, so not measured).
+k-means is today's full KMeans on small corpora (the shipped default included) and hierarchical
+MiniBatchKMeans at corpus scale (`kmeans_path`): sklearn's, not faiss, which fitted a leaf 1.7x faster here but is
+not a dependency and would make the clusters depend on what is installed (docs/benchmarks.md 4.3).
 """
 from __future__ import annotations
 
