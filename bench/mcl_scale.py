@@ -27,8 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from moeclip.data.sampler import GroupBatchSampler  # noqa: E402
-from moeclip.mcl.cluster import accumulate, kmeans, kmeans_path, merge_scope  # noqa: E402
-from moeclip.mcl.merge import merge_small_groups  # noqa: E402
+from moeclip.mcl.cluster import accumulate, kmeans, kmeans_path, merge_stage  # noqa: E402
 from moeclip.mcl.store import Normalised, chunks, l2, open_memmap  # noqa: E402
 
 LATENT = 2_000
@@ -89,8 +88,7 @@ def run(pairs: int, dim: int, stages: int, global_batch: int, group_size: int, s
             both = Normalised([img, txt])   # rows normalised when read: the k-means and merge times include it
             joint, _ = timed(rows, s, "kmeans", kmeans, both, k, seed + s)
             new_acc = timed(rows, s, "accumulate", accumulate, acc, joint)
-            groups, merges = timed(rows, s, "merge", merge_small_groups, new_acc, both, global_batch,
-                                   within=merge_scope(new_acc, groups))
+            groups, merges = timed(rows, s, "merge", merge_stage, new_acc, both, global_batch, groups)
             acc = new_acc
             sizes = np.bincount(groups)
             info.append({"stage": s, "k": k, "kmeans_path": kmeans_path(pairs, k), "clusters": int(len(np.unique(joint))),

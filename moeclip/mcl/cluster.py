@@ -16,7 +16,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import normalized_mutual_info_score
 from threadpoolctl import threadpool_limits
 
-from moeclip.mcl.merge import merge_small_groups
+from moeclip.mcl.merge import merge_small_groups, one_at_a_time
 from moeclip.mcl.store import Normalised, l2, read_chunks
 
 
@@ -35,9 +35,9 @@ class StageClusters:
 BRANCH = 64                 # most clusters one k-means fit makes in the sampled and hierarchical paths
 FULL_KMEANS_ROWS = 100_000  # full KMeans on every row only up to this many rows...
 FULL_KMEANS_WORK = FULL_KMEANS_ROWS * BRANCH  # ...and this much N x k: the largest flat fit the code ran before
-# Small groups merge among all groups (as MCL always did) up to this many accumulated groups: a pass costs
-# ~groups^2 x dim, ~1 s here at 8k x 1,024-d, and the default corpus makes at most 78^2 = 6,084. Above it
-# they merge first within their previous-stage group (stage 2 at 1M pairs has ~70k groups: hours globally).
+# Small groups merge one at a time among all groups (as MCL always did) up to this many accumulated groups:
+# O(groups^2 x dim), ~20 s at 4k groups x 1,024-d, and the default corpus makes at most 78^2 = 6,084. Above
+# it, in passes within their previous-stage group (stage 2 at 1M pairs has ~70k groups: hours one at a time).
 MERGE_GLOBAL_GROUPS = 8_192
 
 
@@ -160,12 +160,14 @@ def accumulate(previous: np.ndarray | None, joint: np.ndarray) -> np.ndarray:
     return np.unique(key, return_inverse=True)[1].astype(np.int64)
 
 
-def merge_scope(accumulated: np.ndarray, previous_groups: np.ndarray | None) -> np.ndarray | None:
-    """The `within` labels small groups first merge inside: the previous stage's groups once there are more
-    than MERGE_GLOBAL_GROUPS accumulated groups, else None (every group a candidate, as MCL always did)."""
-    if previous_groups is None or len(accumulated) == 0 or accumulated.max() + 1 <= MERGE_GLOBAL_GROUPS:
-        return None
-    return previous_groups
+def merge_stage(accumulated: np.ndarray, features: np.ndarray, min_group: int,
+                previous_groups: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """A stage's small-group merging: up to MERGE_GLOBAL_GROUPS accumulated groups as MCL always merged (one
+    at a time among all groups: small corpora, the shipped default included, keep their groups), above it in
+    vectorised passes, first within the previous stage's groups (`merge.merge_small_groups`)."""
+    if len(accumulated) and accumulated.max() + 1 <= MERGE_GLOBAL_GROUPS:
+        return one_at_a_time(accumulated, features, min_group)
+    return merge_small_groups(accumulated, features, min_group, within=previous_groups)
 
 
 def cluster_stage(image_features: np.ndarray, text_features: np.ndarray, previous: np.ndarray | None,
@@ -181,7 +183,7 @@ def cluster_stage(image_features: np.ndarray, text_features: np.ndarray, previou
     re-find the partition it already used. Inputs may be float16 memmaps: rows are normalised when read
     (`store.Normalised`), so no second copy of the features is made. `previous_groups` (the previous
     stage's merged groups) makes small groups merge among groups of the same previous group first, once
-    there are more than `MERGE_GLOBAL_GROUPS` groups (see `merge.merge_small_groups`).
+    there are more than `MERGE_GLOBAL_GROUPS` groups (`merge_stage`).
     """
     dirs = list(project_out) if project_out is not None else [None, None]
     img, txt = Normalised([image_features], dirs[:1]), Normalised([text_features], dirs[1:])
@@ -197,8 +199,7 @@ def cluster_stage(image_features: np.ndarray, text_features: np.ndarray, previou
     else:
         raise ValueError(f"mcl.cluster_features must be 'separate' or 'joint', got {features!r}")
     acc = accumulate(previous, joint)
-    groups, merges = merge_small_groups(acc, both, min_group,
-                                        within=merge_scope(acc, previous_groups if previous is not None else None))
+    groups, merges = merge_stage(acc, both, min_group, previous_groups if previous is not None else None)
     return StageClusters(il, tl, joint, acc, groups, ic, tc, merges)
 
 

@@ -2,7 +2,8 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from moeclip.mcl.cluster import (MERGE_GLOBAL_GROUPS, accumulate, alignment, cluster_stage, kmeans, kmeans_path,
-                                 merge_scope, merge_small_groups)
+                                 merge_small_groups, merge_stage)
+from moeclip.mcl.merge import one_at_a_time
 from moeclip.mcl.store import l2
 
 
@@ -101,9 +102,19 @@ def test_full_path_is_sklearn_kmeans_on_the_normalised_rows():
     assert np.array_equal(labels, want) and np.allclose(cents, km.cluster_centers_)
 
 
-def test_small_corpora_merge_among_all_groups():
-    """Up to MERGE_GLOBAL_GROUPS accumulated groups the previous stage's groups do not restrict merging."""
-    prev = np.repeat([0, 1], 50)
-    assert merge_scope(np.arange(100), prev) is None and merge_scope(np.arange(100), None) is None
-    many = np.arange(MERGE_GLOBAL_GROUPS + 1)
-    assert merge_scope(many, np.zeros(len(many), dtype=np.int64)) is not None
+def test_small_corpora_merge_one_at_a_time_and_large_ones_within_previous_groups():
+    """Up to MERGE_GLOBAL_GROUPS accumulated groups a stage merges as MCL always did (one at a time, among
+    all groups, whatever the previous stage's groups); above, in passes inside the previous groups."""
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 300, 3000)
+    feats = rng.normal(size=(3000, 8)).astype(np.float16)
+    prev = (labels >= 150).astype(np.int64)
+    got = merge_stage(labels, feats, 30, prev)
+    want = one_at_a_time(labels, feats, 30)
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1]
+    many = np.arange(MERGE_GLOBAL_GROUPS + 1000).repeat(2)
+    prev = (many % 2).astype(np.int64)           # two previous groups, each holding every other group
+    groups, merges = merge_stage(many, rng.normal(size=(len(many), 4)), 10, prev)
+    assert np.bincount(groups).min() >= 10 and merges > 0
+    for g in np.unique(groups):
+        assert len(np.unique(prev[groups == g])) == 1

@@ -1,36 +1,8 @@
-"""The vectorised merge against the one-at-a-time merge it replaced (kept here as the reference)."""
+"""The vectorised merge against MCL's one-at-a-time merge (`merge.one_at_a_time`, still used for small problems)."""
 import numpy as np
 import pytest
 
-from moeclip.mcl.merge import group_sums, merge_small_groups
-
-
-def one_at_a_time(labels: np.ndarray, features: np.ndarray, min_size: int) -> tuple[np.ndarray, int]:
-    """The earlier `moeclip.mcl.cluster.merge_small_groups`, verbatim: smallest group first, into the
-    nearest centroid, centroids recomputed after every merge."""
-    labels = np.unique(labels, return_inverse=True)[1]
-    n = int(labels.max()) + 1
-    counts = np.bincount(labels, minlength=n).astype(np.float64)
-    sums = np.zeros((n, features.shape[1]))
-    np.add.at(sums, labels, features)
-    target = np.arange(n)
-    alive = np.ones(n, dtype=bool)
-    merges = 0
-    while alive.sum() > 1:
-        live = np.flatnonzero(alive)
-        small = live[np.argmin(counts[live])]
-        if counts[small] >= min_size:
-            break
-        cents = sums[live] / counts[live, None]
-        d = ((cents - sums[small] / counts[small]) ** 2).sum(1)
-        d[live == small] = np.inf
-        into = live[np.argmin(d)]
-        sums[into] += sums[small]
-        counts[into] += counts[small]
-        alive[small] = False
-        target[target == small] = into
-        merges += 1
-    return np.unique(target[labels], return_inverse=True)[1].astype(np.int64), merges
+from moeclip.mcl.merge import group_sums, merge_small_groups, one_at_a_time
 
 
 def _existing_input():
