@@ -5,6 +5,33 @@ import pytest
 from moeclip.mcl.merge import group_sums, merge_small_groups, one_at_a_time
 
 
+def _old(labels: np.ndarray, features: np.ndarray, min_size: int) -> tuple[np.ndarray, int]:
+    """main's `moeclip.mcl.cluster.merge_small_groups` before issue 15, verbatim: the frozen reference."""
+    labels = np.unique(labels, return_inverse=True)[1]
+    n = int(labels.max()) + 1
+    counts = np.bincount(labels, minlength=n).astype(np.float64)
+    sums = np.zeros((n, features.shape[1]))
+    np.add.at(sums, labels, features)
+    target = np.arange(n)
+    alive = np.ones(n, dtype=bool)
+    merges = 0
+    while alive.sum() > 1:
+        live = np.flatnonzero(alive)
+        small = live[np.argmin(counts[live])]
+        if counts[small] >= min_size:
+            break
+        cents = sums[live] / counts[live, None]
+        d = ((cents - sums[small] / counts[small]) ** 2).sum(1)
+        d[live == small] = np.inf
+        into = live[np.argmin(d)]
+        sums[into] += sums[small]
+        counts[into] += counts[small]
+        alive[small] = False
+        target[target == small] = into
+        merges += 1
+    return np.unique(target[labels], return_inverse=True)[1].astype(np.int64), merges
+
+
 def _existing_input():
     """tests/mcl/test_cluster.py's merge input."""
     rng = np.random.default_rng(0)
@@ -37,6 +64,18 @@ def test_equals_one_at_a_time(case):
     want, want_merges = one_at_a_time(labels, feats, m)
     assert merges == want_merges > 0
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("case", ["existing", "many_small_0", "uniform"])
+def test_one_at_a_time_equals_the_old_function(case):
+    """`one_at_a_time` (chunked float64 sums, block-wise distances) merges exactly as the old code did."""
+    if case == "uniform":
+        rng = np.random.default_rng(3)
+        labels, feats, m = rng.integers(0, 300, 3000), rng.normal(size=(3000, 8)).astype(np.float32), 30
+    else:
+        labels, feats, m = _existing_input() if case == "existing" else _many_small(0)
+    got, want = one_at_a_time(labels, feats, m, rows=7), _old(labels, feats, m)
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1] > 0
 
 
 def test_uniform_random_many_small_groups_invariants():
