@@ -66,8 +66,8 @@ class Normalised:
 
 def l2(x: np.ndarray) -> np.ndarray:
     """Unit rows, a new float32 array. The norm is main's `np.linalg.norm` formula on purpose: k-means on
-    weakly clustered rows is chaotic, and a norm summed in another order (einsum) moved the default
-    corpus's full-KMeans partition to ARI 0.04 of main's on the same float32 rows."""
+    weakly clustered rows is chaotic: a norm summed in another order (einsum) left full KMeans on 20,000
+    synthetic float32 pairs at k = 78 (the default's shape) at ARI 0.04 of main's partition."""
     y = np.array(x, dtype=np.float32)
     y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
     return y
