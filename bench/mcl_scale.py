@@ -3,8 +3,8 @@
 The default recipe's clustering: `cluster_features: joint`, k = N / 256 (`mcl_stages._ks` with group_size
 256); min group = one global batch of 1,024 (the shipped default trains with 128 on 20,000 pairs; 1,024 is
 a corpus-scale batch and merges more). The rows k-means and the merge read are normalised as they are read
-(`store.Normalised`, as `cluster_stage` does), so their times include it. Features are synthetic, ViT-B sized (512-d per modality):
-a mixture of 2,000 Gaussians on the sphere shared by the two modalities (a pair's image and caption come
+(`store.Normalised`, as `cluster_stage` does), so their times include it. Features are synthetic, ViT-B
+sized (512-d per modality): a mixture of 2,000 Gaussians on the sphere shared by the two modalities (a pair's image and caption come
 from the same latent cluster, each with its own noise), generated chunkwise into float16 memmaps (the
 embedding store's format), with fresh noise per stage (stage s embeds with a different model). Generation
 is not timed. Each step is timed (wall and CPU) and its peak resident memory is measured by resetting the
@@ -91,7 +91,8 @@ def run(pairs: int, dim: int, stages: int, global_batch: int, group_size: int, s
             groups, merges = timed(rows, s, "merge", merge_stage, new_acc, both, global_batch, groups)
             acc = new_acc
             sizes = np.bincount(groups)
-            info.append({"stage": s, "k": k, "kmeans_path": kmeans_path(pairs, k), "clusters": int(len(np.unique(joint))),
+            info.append({"stage": s, "k": k, "kmeans_path": kmeans_path(pairs, k),
+                         "clusters": int(len(np.unique(joint))),
                          "accumulated_groups": int(acc.max() + 1), "merges": merges,
                          "groups": int(len(sizes)), "smallest_group": int(sizes.min())})
             print(f"  stage {s}: {info[-1]}", flush=True)

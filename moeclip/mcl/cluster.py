@@ -4,8 +4,8 @@ Group ids are renumbered densely after accumulation (the partition is what matte
 number of stages fits in int64. Small groups are merged into their nearest neighbour by centroid
 instead of being dropped, as the published code did: no sample is lost (`moeclip.mcl.merge`).
 k-means is today's full KMeans on small corpora (the shipped default included) and hierarchical
-MiniBatchKMeans at corpus scale (`kmeans_path`): sklearn's, not faiss, which fitted a leaf 1.7x faster here but is
-not a dependency and would make the clusters depend on what is installed (docs/benchmarks.md 4.3).
+MiniBatchKMeans at corpus scale (`kmeans_path`): sklearn's, not faiss, which fitted a leaf 1.7x faster here
+but is not a dependency and would make the clusters depend on what is installed (docs/benchmarks.md 4.3).
 """
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ def kmeans(features: np.ndarray, k: int, seed: int, path: str | None = None) -> 
     """Labels and centroids of the L2-normalised rows of `features` (float16, a memmap or a `Normalised`
     view: read in chunks except on the 'full' path, whose N x dim float32 copy is at most 100k rows).
 
-    Paths by `kmeans_path` unless `path` names one. 'hierarchical' (MCL's k = N / group_size on a large corpus): MiniBatchKMeans
-    into b = min(64, ceil(sqrt(k))) clusters, k shared among them by size, and each split again until
-    k <= 64. Every row is assigned to the nearest centroid of each level once, so the cost is about
+    Paths by `kmeans_path` unless `path` names one. 'hierarchical' (MCL's k = N / group_size on a large
+    corpus): MiniBatchKMeans into b = min(64, ceil(sqrt(k))) clusters, k shared among them by size, and
+    each split again until k <= 64. Every row is assigned to the nearest centroid of each level once, so the cost is about
     N x dim x (b per level x levels) instead of N x dim x k: ~N^1.5 while two levels suffice (k <= 4096),
     N log N beyond. Deterministic for a seed (every fit has a seed derived from it and the cluster's path).
     """
