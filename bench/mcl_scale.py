@@ -1,14 +1,15 @@
 """MCL bookkeeping at corpus scale: 3 stages of clustering + accumulation + merging, then one sampler epoch.
 
 The default recipe's clustering: `cluster_features: joint`, k = N / 256 (`mcl_stages._ks` with group_size
-256); min group = one global batch of 1,024 (the shipped default trains with 128 on 20,000 pairs; 1,024 is
-a corpus-scale batch and merges more). The rows k-means and the merge read are normalised as they are read
-(`store.Normalised`, as `cluster_stage` does), so their times include it. Features are synthetic, ViT-B
-sized (512-d per modality): a mixture of 2,000 Gaussians on the sphere shared by the two modalities (a pair's image and caption come
-from the same latent cluster, each with its own noise), generated chunkwise into float16 memmaps (the
-embedding store's format), with fresh noise per stage (stage s embeds with a different model). Generation
-is not timed. Each step is timed (wall and CPU) and its peak resident memory is measured by resetting the
-kernel's high-water mark before it (/proc/self/clear_refs, VmHWM); memmapped pages count while resident.
+256); min group = one global batch of 1,024 (the shipped default trains with 128 on 20,000 pairs; 1,024 is a
+corpus-scale batch and merges more). The rows k-means and the merge read are normalised as they are read
+(`store.Normalised`, as `cluster_stage` does), so their times include it. Features are synthetic, ViT-B sized
+(512-d per modality): a mixture of 2,000 Gaussians on the sphere shared by the two modalities (a pair's image
+and caption come from the same latent cluster, each with its own noise), generated chunkwise into float16
+memmaps (the embedding store's format), with fresh noise per stage (stage s embeds with a different model).
+Generation is not timed. Each step is timed (wall and CPU) and its peak resident memory is measured by
+resetting the kernel's high-water mark before it (/proc/self/clear_refs, VmHWM); memmapped pages count while
+resident.
 
     python bench/mcl_scale.py --pairs 100000 [--dim 512] [--stages 3] [--global-batch 1024] [--out x.json]
 """

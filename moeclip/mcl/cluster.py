@@ -58,11 +58,11 @@ def kmeans(features: np.ndarray, k: int, seed: int, path: str | None = None) -> 
     """Labels and centroids of the L2-normalised rows of `features` (float16, a memmap or a `Normalised`
     view: read in chunks except on the 'full' path, whose N x dim float32 copy is at most 100k rows).
 
-    Paths by `kmeans_path` unless `path` names one. 'hierarchical' (MCL's k = N / group_size on a large
-    corpus): MiniBatchKMeans into b = min(64, ceil(sqrt(k))) clusters, k shared among them by size, and
-    each split again until k <= 64. Every row is assigned to the nearest centroid of each level once, so the cost is about
-    N x dim x (b per level x levels) instead of N x dim x k: ~N^1.5 while two levels suffice (k <= 4096),
-    N log N beyond. Deterministic for a seed (every fit has a seed derived from it and the cluster's path).
+    Paths by `kmeans_path` unless `path` names one. 'hierarchical' (MCL's k = N / group_size on a large corpus):
+    MiniBatchKMeans into b = min(64, ceil(sqrt(k))) clusters, k shared among them by size, and each split again
+    until k <= 64. Every row is assigned to the nearest centroid of each level once, so the cost is about N x
+    dim x (b per level x levels) instead of N x dim x k: ~N^1.5 while two levels suffice (k <= 4096), N log N
+    beyond. Deterministic for a seed (every fit has a seed derived from it and the cluster's path).
     """
     n = len(features)
     if n < k:
