@@ -48,7 +48,8 @@ class Normalised:
         self.parts = parts
         self.dims = [p.shape[1] for p in parts]
         self.shape = (len(parts[0]), sum(self.dims))
-        self.qs = [None if d is None else np.linalg.qr(np.asarray(d, dtype=np.float64).T)[0].astype(np.float32)
+        # float64 as main computed it (x @ q then promotes): the projected rows equal its, chunk for chunk
+        self.qs = [None if d is None else np.linalg.qr(np.asarray(d, dtype=np.float64).T)[0]
                    for d in (directions or [None] * len(parts))]
 
     def __len__(self) -> int:
