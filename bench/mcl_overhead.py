@@ -23,14 +23,11 @@ from common import REPO, Timer, loadavg, peak_rss_mb, read_json, write_json  # n
 
 
 def cluster_module():
-    """`moeclip/mcl/cluster.py` loaded by path: the same code, without importing moeclip (and torch,
-    open_clip, ...), which takes ~10 s on this loaded machine and would dominate the small cases."""
-    import importlib.util
+    """`moeclip.mcl.cluster` from this checkout (it imports moeclip.mcl.merge/store, so the package is needed;
+    importing it costs a few seconds of torch import, outside the timed calls)."""
+    sys.path.insert(0, str(REPO))
+    import moeclip.mcl.cluster as module
 
-    spec = importlib.util.spec_from_file_location("moeclip_mcl_cluster", REPO / "moeclip" / "mcl" / "cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks the module up
-    spec.loader.exec_module(module)
     return module
 
 
@@ -74,8 +71,11 @@ def stage_timings() -> dict:
         progress = feats / "progress.json"
         if progress.exists():
             meta = read_json(progress)
-            img = np.memmap(feats / "image.f32", dtype=np.float32, mode="r", shape=(meta["num_images"], meta["dim"]))
-            txt = np.load(feats / "text.npy", mmap_mode="r")
+            f16 = meta.get("dtype") == "float16"
+            img = np.memmap(feats / ("image.f16" if f16 else "image.f32"), dtype=np.float16 if f16 else np.float32,
+                            mode="r", shape=(meta["num_images"], meta["dim"]))
+            txt = np.memmap(feats / ("text.f16" if f16 else "text.f32"), dtype=np.float16 if f16 else np.float32,
+                            mode="r", shape=(meta["num_captions"], meta["dim"]))
             k_img, k_txt = info["clusters"]["k_img"], info["clusters"]["k_txt"]
             with Timer() as t:
                 kmeans(np.asarray(img), k_img, seed=1)

@@ -36,25 +36,35 @@ class GroupBatchSampler:
         self.micro_batch = self.global_batch // (self.world_size * self.grad_accum)
 
     def groups(self) -> list[np.ndarray]:
+        """Sample ids per group (views into one sorted array: O(N) in all)."""
         if self.labels is None:
             return [np.arange(self.num_samples)]
         order = np.argsort(self.labels, kind="stable")
         _, starts = np.unique(self.labels[order], return_index=True)
         return np.split(order, starts[1:])
 
-    def global_batches(self, epoch: int) -> list[np.ndarray]:
+    def global_batches(self, epoch: int) -> np.ndarray:
+        """(steps, global_batch) sample ids, written into one preallocated array: steps x global_batch is
+        N plus less than one batch of padding per group (<= 2N once groups are merged to >= a global batch)."""
         rng = np.random.default_rng([self.seed, epoch])
-        batches = []
-        for members in self.groups():
+        groups = self.groups()
+        out = np.empty((sum(-(-len(g) // self.global_batch) for g in groups), self.global_batch), dtype=np.int64)
+        row = 0
+        for members in groups:
             members = rng.permutation(members)
-            short = (-len(members)) % self.global_batch
+            steps = -(-len(members) // self.global_batch)
+            flat = out[row:row + steps].reshape(-1)
+            flat[:len(members)] = members
+            short = len(flat) - len(members)
             if short:
-                members = np.concatenate([members, rng.choice(members, size=short, replace=short > len(members))])
-            batches.extend(members.reshape(-1, self.global_batch))
-        return [batches[i] for i in rng.permutation(len(batches))]
+                flat[len(members):] = rng.choice(members, size=short, replace=short > len(members))
+            row += steps
+        return out[rng.permutation(len(out))]
 
     def steps_per_epoch(self) -> int:
-        return sum(-(-len(g) // self.global_batch) for g in self.groups())
+        if self.labels is None:
+            return -(-self.num_samples // self.global_batch)
+        return int((-(-np.unique(self.labels, return_counts=True)[1] // self.global_batch)).sum())
 
     def rank_micro_batches(self, global_batch: np.ndarray) -> list[list[int]]:
         """This rank's grad_accum micro-batches of one global batch (accumulation-major)."""

@@ -1,4 +1,5 @@
-"""Embedding pass over a corpus: L2-normalised features written to memory-mapped files.
+"""Embedding pass over a corpus: L2-normalised features written to float16 memory-mapped files
+(`moeclip.mcl.store`: half the disk and page cache of float32, read back in chunks).
 
 Images and captions are each encoded once (rows repeat them). The pass is split over every rank
 (each encodes its share of a round on its own accelerator, under the runtime's autocast) and
@@ -18,31 +19,34 @@ from tqdm import tqdm
 from moeclip import io
 from moeclip.data.dataset import CaptionDataset
 from moeclip.model.encode import output_dim, sharded_image_features, sharded_text_features, unique_first
+from moeclip.mcl.store import DTYPE, open_memmap
 from moeclip.runtime import Runtime
 
 
 def embed_corpus(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, out_dir: str | Path,
                  runtime: Runtime, batch_size: int = 512, commit_every: int = 8,
                  num_workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Collective: every rank calls it. Rank 0 gets per-row (image features, text features, image_ok mask),
-    read back from the memmaps; the other ranks get None. Rows whose image cannot be read get zero image
+    """Collective: every rank calls it. Rank 0 gets per-row (image features, text features: float16,
+    image_ok mask), read back from the memmaps; the other ranks get None. Rows whose image cannot be read get zero image
     features and `image_ok=False`; skips from every rank are recorded in progress.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.to(runtime.device).eval()
-    paths, first_rows, image_of_row = unique_first([r["_path"] for r in dataset.rows])
+    paths, first_rows, image_of_row = unique_first(dataset.paths)
     captions, first_caption_rows, caption_of_row = unique_first(dataset.captions)
     dim = output_dim(model, runtime)
     progress_path = out / "progress.json"
     progress = io.read_json(progress_path) if progress_path.exists() else {}
     runtime.barrier()  # every rank has read the same progress before rank 0 may rewrite it
-    sizes = {"num_images": len(paths), "num_captions": len(captions), "dim": dim}
+    sizes = {"num_images": len(paths), "num_captions": len(captions), "dim": dim, "dtype": "float16"}
+    if progress and "dtype" not in progress:
+        raise ValueError(f"{out}: float32 features from an older version; delete the folder to re-embed")
     if any(progress.get(k) not in (None, v) for k, v in sizes.items()):
         raise ValueError(f"{out}: features from another corpus or model; delete the folder to re-embed")
     fresh = not progress
-    img = _memmap(out / "image.f32", len(paths), dim, fresh, runtime)
+    img = _memmap(out / "image.f16", len(paths), dim, fresh, runtime)
     ok = _memmap(out / "image_ok.u8", len(paths), 1, fresh, runtime, dtype=np.uint8)
-    txt = _memmap(out / "text.f32", len(captions), dim, fresh, runtime)
+    txt = _memmap(out / "text.f16", len(captions), dim, fresh, runtime)
     state = {**sizes, "images_done": progress.get("images_done", 0), "texts_done": progress.get("texts_done", 0),
              "skipped": progress.get("skipped", {})}
     chunk = batch_size * commit_every * runtime.world_size
@@ -56,7 +60,7 @@ def embed_corpus(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable,
                                                num_workers)
         state["skipped"] = _all_skips(runtime, dataset, skips_at_start, resumed_skips)
         if runtime.is_main:
-            img[start:end] = feats.numpy()
+            img[start:end] = feats.float().numpy()
             ok[start:end, 0] = loaded.numpy().astype(np.uint8)
             img.flush(); ok.flush()  # features on disk before progress claims them
             io.write_json(progress_path, {**state, "images_done": end})
@@ -68,7 +72,7 @@ def embed_corpus(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable,
         end = min(start + text_chunk, len(captions))
         feats = sharded_text_features(model, tokenizer, captions[start:end], batch_size, runtime)
         if runtime.is_main:
-            txt[start:end] = feats.numpy()
+            txt[start:end] = feats.float().numpy()
             txt.flush()
             io.write_json(progress_path, {**state, "texts_done": end})
         state["texts_done"] = end
@@ -89,9 +93,8 @@ def _all_skips(runtime: Runtime, dataset: CaptionDataset, at_start: Counter, res
     return dict(sorted(total.items()))
 
 
-def _memmap(path: Path, n: int, dim: int, fresh: bool, runtime: Runtime, dtype=np.float32) -> np.memmap | None:
+def _memmap(path: Path, n: int, dim: int, fresh: bool, runtime: Runtime, dtype=DTYPE) -> np.memmap | None:
     """Rank 0 owns the files; the others never open them."""
     if not runtime.is_main:
         return None
-    mode = "w+" if fresh or not path.exists() else "r+"
-    return np.memmap(path, dtype=dtype, mode=mode, shape=(max(n, 1), dim))
+    return open_memmap(path, n, dim, "w+" if fresh or not path.exists() else "r+", dtype)

@@ -33,7 +33,7 @@ def list_images(source: str | Path, img_key: str = "filepath", image_root: str |
                         f"'{img_key}' column")
     from moeclip.data.formats import data_format, open_dataset
     if data_format(source) != "table":  # every split of a Karpathy file: an index covers all its images
-        paths = [r["_path"] for r in open_dataset(source, split="all", image_root=image_root).rows]
+        paths = open_dataset(source, split="all", image_root=image_root).paths
         return list(dict.fromkeys(str(Path(p).absolute()) for p in paths))
     rows = read_table(source, img_key=img_key, caption_key=img_key)
     root = (Path(image_root) if image_root is not None else source.parent).absolute()

@@ -69,19 +69,21 @@ def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: 
         return run_specialists(base, dataset, tokenizer, cfg, out, runtime, seed, factor_columns, _cluster)
     if cfg.construction != "stages":
         raise ConfigError(f"mcl.construction must be 'stages' or 'specialists', got {cfg.construction!r}")
-    previous_groups = None
+    previous_groups = previous_merged = None
     for s in range(1, cfg.num_experts):
         sdir = out / f"stage_{s}"
         if (sdir / "stage.json").exists() and (sdir / "ffn.safetensors").exists():
             experts.append(io.load_tensors(sdir / "ffn.safetensors"))
             previous_groups = io.load_npy(sdir / "accumulated.npy")
+            previous_merged = io.load_npy(sdir / "groups.npy")
             log.info("MCL stage %d: already done", s)
             continue
         t0 = time.time()
         groups, acc, clusters = _cluster(base, experts[-1], dataset, tokenizer, cfg, sdir, runtime, seed + s,
                                          previous_groups if cfg.accumulate else None, factor_columns,
-                                         out / f"stage_{s - 1}" if s > 1 else None)
-        previous_groups = acc
+                                         out / f"stage_{s - 1}" if s > 1 else None,
+                                         previous_merged if cfg.accumulate else None)
+        previous_groups, previous_merged = acc, groups
         t_cluster = time.time() - t0
         model = copy.deepcopy(base)
         if cfg.start_from == "previous":
@@ -156,7 +158,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _cluster(base: nn.Module, prev_ffn: dict, dataset: CaptionDataset, tokenizer: Callable, cfg: MCLConfig,
              sdir: Path, runtime: Runtime, seed: int, previous: np.ndarray | None,
              factor_columns: dict[str, list[str]] | None,
-             previous_dir: Path | None) -> tuple[np.ndarray, np.ndarray, dict]:
+             previous_dir: Path | None,
+             previous_merged: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Embed with the previous stage's model on every rank (sharded), cluster on rank 0 while the others wait
     (the runtime's collective timeout covers it), and every rank reads the result."""
     done = (sdir / "clusters.json").exists()
@@ -174,7 +177,8 @@ def _cluster(base: nn.Module, prev_ffn: dict, dataset: CaptionDataset, tokenizer
         project = None
         if cfg.project_out_previous and previous_dir is not None:
             project = (io.load_npy(previous_dir / "image_centroids.npy"), io.load_npy(previous_dir / "text_centroids.npy"))
-        c = cluster_stage(img, txt, previous, k_img, k_txt, min_group, seed, cfg.cluster_features, project)
+        c = cluster_stage(img, txt, previous, k_img, k_txt, min_group, seed, cfg.cluster_features, project,
+                          previous_groups=previous_merged)
         for name in ("image_labels", "text_labels", "joint", "accumulated", "groups",
                      "image_centroids", "text_centroids"):
             io.save_npy(sdir / f"{name}.npy", getattr(c, name))

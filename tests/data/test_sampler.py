@@ -52,3 +52,16 @@ def test_duplicates_only_pad_the_last_batch_of_a_group():
 def test_bad_geometry():
     with pytest.raises(ValueError, match="divide evenly"):
         GroupBatchSampler(None, 100, 30, world_size=4)
+
+
+def test_epoch_is_one_array_covering_every_sample_once_per_group_padding():
+    """Many small groups: one (steps, global_batch) array, every sample present, one group per batch,
+    and the padding (< one batch per group) is all that exceeds N."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 300, 5000)
+    s = GroupBatchSampler(labels, 5000, 64, seed=3)
+    batches = s.global_batches(0)
+    assert isinstance(batches, np.ndarray) and batches.shape == (s.steps_per_epoch(), 64)
+    assert (np.bincount(batches.reshape(-1), minlength=5000) >= 1).all()
+    assert all(len(np.unique(labels[b])) == 1 for b in batches)
+    assert batches.size - 5000 < 300 * 64

@@ -1,6 +1,10 @@
 import numpy as np
+from sklearn.cluster import KMeans
 
-from moeclip.mcl.cluster import accumulate, alignment, cluster_stage, kmeans, merge_small_groups
+from moeclip.mcl.cluster import (MERGE_GLOBAL_GROUPS, accumulate, alignment, cluster_stage, kmeans, kmeans_path,
+                                 merge_small_groups, merge_stage)
+from moeclip.mcl.merge import one_at_a_time
+from moeclip.mcl.store import l2
 
 
 def test_accumulate_refines_partition():
@@ -66,3 +70,51 @@ def test_joint_features_mode():
     c = cluster_stage(rng.normal(size=(120, 4)), rng.normal(size=(120, 4)), None, 4, 1, min_group=5, seed=0,
                       features="joint")
     assert len(np.unique(c.joint)) == 4 and (c.image_labels == c.joint).all()
+
+
+def test_hierarchical_kmeans_is_deterministic_and_makes_k_clusters():
+    rng = np.random.default_rng(4)
+    truth = rng.integers(0, 300, 6000)
+    x = (rng.normal(size=(300, 16))[truth] + 0.05 * rng.normal(size=(6000, 16))).astype(np.float16)
+    a, ca = kmeans(x, 150, seed=3, path="hierarchical")
+    b, cb = kmeans(x, 150, seed=3, path="hierarchical")
+    assert np.array_equal(a, b) and np.array_equal(ca, cb)
+    assert len(np.unique(a)) == 150 and ca.shape == (150, 16)
+    # clusters follow the planted ones: every cluster is (almost) a union of planted clusters
+    assert alignment(a, {"truth": truth.tolist()})["truth"] > 0.85
+
+
+def test_kmeans_path_keeps_full_kmeans_for_the_default_corpus():
+    """The shipped default (20,000 pairs, k = 20,000 // 256 = 78) and anything up to 100k rows x 64 clusters
+    keep full KMeans; only corpus-scale problems take the sampled or hierarchical path."""
+    assert kmeans_path(20_000, 78) == "full"
+    assert kmeans_path(100_000, 64) == "full" and kmeans_path(50_000, 128) == "full"
+    assert kmeans_path(100_000, 390) == "hierarchical" and kmeans_path(1_000_000, 3_906) == "hierarchical"
+    assert kmeans_path(200_000, 9) == "sampled"
+
+
+def test_full_path_is_sklearn_kmeans_on_the_normalised_rows():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2_000, 16)) + 3 * rng.normal(size=(78, 16))[rng.integers(0, 78, 2_000)]
+    labels, cents = kmeans(x, 78, seed=0)
+    km = KMeans(n_clusters=78, init="k-means++", random_state=0, n_init=3)
+    want = km.fit_predict(l2(x))
+    assert np.array_equal(labels, want) and np.allclose(cents, km.cluster_centers_)
+
+
+def test_small_corpora_merge_one_at_a_time_and_large_ones_within_previous_groups():
+    """Up to MERGE_GLOBAL_GROUPS accumulated groups a stage merges as MCL always did (one at a time, among
+    all groups, whatever the previous stage's groups); above, in passes inside the previous groups."""
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 300, 3000)
+    feats = rng.normal(size=(3000, 8)).astype(np.float16)
+    prev = (labels >= 150).astype(np.int64)
+    got = merge_stage(labels, feats, 30, prev)
+    want = one_at_a_time(labels, feats, 30)
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1]
+    many = np.arange(MERGE_GLOBAL_GROUPS + 1000).repeat(2)
+    prev = (many % 2).astype(np.int64)           # two previous groups, each holding every other group
+    groups, merges = merge_stage(many, rng.normal(size=(len(many), 4)), 10, prev)
+    assert np.bincount(groups).min() >= 10 and merges > 0
+    for g in np.unique(groups):
+        assert len(np.unique(prev[groups == g])) == 1
