@@ -72,3 +72,33 @@ def test_router_finetuning_writes_losses_rate_and_router_stats(moe_dir, corpus, 
     loads = [scalars[f"router/visual.0/load_e{i}"][-1] for i in range(3)]
     assert sum(loads) == pytest.approx(1.0, abs=1e-3) and 0 < scalars["router/visual.0/entropy_bits"][-1] <= 1.585
     del runtime.trainer.moeclip_logging
+
+
+def test_wandb_run_per_step_when_configured(tmp_path, monkeypatch):
+    """W&B is not a dependency: a stand-in module records what accelerate's WandBTracker asks of it."""
+    import importlib.machinery
+    import sys
+
+    runs = []
+
+    class Run:
+        def __init__(self, **kwargs):
+            self.kwargs, self.logged, self.finished = kwargs, [], False
+            runs.append(self)
+
+        def log(self, values, step=None):
+            self.logged.append((step, values))
+
+        def finish(self):
+            self.finished = True
+
+    fake = SimpleNamespace(init=lambda **kw: Run(**kw), __spec__=importlib.machinery.ModuleSpec("wandb", None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    trainer = SimpleNamespace(is_main_process=True)
+    configure(trainer, LoggingConfig(tensorboard=False, wandb=True, wandb_project="proj"), tmp_path / "dmu")
+    step = open_step(trainer, "mcl_stage_1")
+    step.log({"train/loss": 1.5}, step=10)
+    step.close()
+    assert runs[0].kwargs == {"project": "proj", "name": "dmu/mcl_stage_1", "group": "dmu",
+                              "dir": str(tmp_path / "dmu" / "logs")}
+    assert runs[0].logged == [(10, {"train/loss": 1.5})] and runs[0].finished
