@@ -12,7 +12,8 @@ from moeclip.figures import figure, save_png
 
 # the history keys the loop writes, and how the plot names them
 LOSSES = {"clip_loss": "contrastive loss", "lb_visual": "load balancing (image)", "lb_text": "load balancing (text)"}
-STAGE_METRICS = {"mean_R@1": "mean R@1", "image_to_text_R@1": "image→text R@1", "text_to_image_R@1": "text→image R@1"}
+STAGE_METRICS = {"mean_R@1": "mean R@1", "image_to_text_R@1": "image→text R@1",
+                 "text_to_image_R@1": "text→image R@1"}
 
 
 def plot_losses(histories: dict[str, list[dict[str, float]]], path: Path) -> Path | None:
