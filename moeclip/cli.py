@@ -39,7 +39,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         metrics = evaluate(model, preprocess, tokenizer, args.data, class_column=args.class_column,
                            templates=templates, classnames=classnames, batch_size=args.batch_size,
                            runtime=runtime, num_workers=args.workers, split=args.split,
-                           image_root=args.image_root)
+                           image_root=args.image_root, protocol=args.protocol)
     print(format_table(metrics))
     if args.out:
         io.write_json(args.out, metrics)
@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-root", default=None, help="folder the data's relative image paths start from "
                    "(default: the data file's folder)")
     e.add_argument("--out", default=None, help="write metrics JSON here")
+    e.add_argument("--protocol", default="per_caption", choices=["per_caption", "multi_positive"],
+                   help="retrieval positives. per_caption (default): every caption row is its own query with its own "
+                   "image the only positive, as COCO/Flickr30k papers and CLIP_benchmark count; multi_positive: "
+                   "identical caption strings merge into one query whose positives are all their images")
     e.add_argument("--task", default="all", choices=["all", "zeroshot"],
                    help="all: retrieval (+ zero-shot with --class-column, + factor probe); zeroshot: only zero-shot "
                    "classification of a CSV/TSV with filepath and --class-column (no caption column needed)")

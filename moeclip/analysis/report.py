@@ -1,8 +1,4 @@
-"""`analyse_experts` result -> experts.json, PNG heatmaps and experts.md.
-
-Plots use matplotlib's object API on an Agg canvas (no pyplot, no global backend switch), so writing
-a report never opens a window nor changes the caller's matplotlib state.
-"""
+"""`analyse_experts` result -> experts.json, PNG heatmaps (`moeclip.figures`) and experts.md."""
 from __future__ import annotations
 
 import math
@@ -13,14 +9,7 @@ import numpy as np
 
 from moeclip import io
 from moeclip.analysis.experts import MAX_PLOTTED_GROUPS
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
+from moeclip.figures import figure, save_png
 
 
 def _heatmap(ax, values: np.ndarray, rows: list[str], cols: list[str], vmax: float | None = None,
@@ -37,13 +26,6 @@ def _heatmap(ax, values: np.ndarray, rows: list[str], cols: list[str], vmax: flo
     return im
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
-
-
 def _experts(n: int) -> list[str]:
     return [f"e{i}" for i in range(n)]
 
@@ -52,13 +34,13 @@ def plot_load(layers: list[dict], tower: str, path: Path) -> Path:
     """Layer x expert share of routed slots; uniform routing is 1/E everywhere."""
     e = layers[0]["num_experts"]
     values = np.array([l["load"] for l in layers])
-    fig = _figure(1.2 + 0.7 * e, 1.3 + 0.45 * len(layers))
+    fig = figure(1.2 + 0.7 * e, 1.3 + 0.45 * len(layers))
     ax = fig.add_subplot()
     im = _heatmap(ax, values, [f"block {l['block']}" for l in layers], _experts(e))
     fig.colorbar(im, ax=ax, fraction=0.05)
     ax.set_title(f"{tower}: share of routed slots (uniform {1 / e:.2f})", fontsize=9)
     ax.set_xlabel("expert", fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -70,13 +52,13 @@ def plot_coselect(layers: list[dict], tower: str, path: Path) -> Path:
     """Per layer, the fraction of tokens that chose both expert i and j (diagonal: chose i)."""
     e = layers[0]["num_experts"]
     nr, nc = _grid(len(layers))
-    fig = _figure(0.6 + nc * (0.9 + 0.45 * e), 0.6 + nr * (0.7 + 0.45 * e))
+    fig = figure(0.6 + nc * (0.9 + 0.45 * e), 0.6 + nr * (0.7 + 0.45 * e))
     for k, l in enumerate(layers):
         ax = fig.add_subplot(nr, nc, k + 1)
         _heatmap(ax, np.array(l["coselect"]), _experts(e), _experts(e), vmax=1.0)
         ax.set_title(f"block {l['block']}", fontsize=8)
     fig.suptitle(f"{tower}: fraction of tokens routed to both experts (top-{layers[0]['top_k']})", fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_groups(layers: list[dict], tower: str, groups: list[str], path: Path) -> Path:
@@ -86,7 +68,7 @@ def plot_groups(layers: list[dict], tower: str, groups: list[str], path: Path) -
     shown = sorted(np.argsort(-tokens, kind="stable")[:MAX_PLOTTED_GROUPS].tolist())
     names = [groups[i][:18] for i in shown]
     nr, nc = _grid(len(layers))
-    fig = _figure(0.6 + nc * (1.6 + 0.5 * e), 0.7 + nr * (0.6 + 0.28 * len(shown)))
+    fig = figure(0.6 + nc * (1.6 + 0.5 * e), 0.7 + nr * (0.6 + 0.28 * len(shown)))
     for k, l in enumerate(layers):
         ax = fig.add_subplot(nr, nc, k + 1)
         share = np.array(l["groups"]["share"])[shown]
@@ -96,7 +78,7 @@ def plot_groups(layers: list[dict], tower: str, groups: list[str], path: Path) -
         ax.set_title(f"block {l['block']}: MI {g['mi_bits']:.3f} bits\n(norm {g['mi_norm']:.2f}, "
                      f"chance {g['mi_null_bits']:.3f})", fontsize=7)
     fig.suptitle(f"{tower}: expert share by group", fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_expert_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from moeclip.moe.router import Routing
+from moeclip.moe.upcycle import moe_layers
 
 
 def entropy_bits(p: np.ndarray) -> float:
@@ -111,6 +112,21 @@ class LayerStats:
                 "group_entropy_bits": round(h_g, 4), "expert_entropy_bits": round(h_e, 4),
                 "mi_null_bits": round(float(np.mean(null)), 5) if null else None,
                 "mi_null_p95_bits": round(float(np.quantile(null, 0.95)), 5) if null else None}
+
+
+def last_routing_stats(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """{"<tower>.<block>": {load, entropy_bits}} of every MoE layer's last forward, over its real tokens:
+    the cheap per-step view training logs show (layers that have not run yet are left out)."""
+    out = {}
+    for tower, block, layer in moe_layers(model):
+        routing = layer.last_routing
+        if routing is None:
+            continue
+        stats = LayerStats(layer.num_experts, 1)
+        stats.update(routing, layer.last_mask, torch.zeros(routing.num_tokens, dtype=torch.long))
+        summary = stats.summary()
+        out[f"{tower}.{block}"] = {"load": summary["load"], "entropy_bits": summary["entropy_bits"]}
+    return out
 
 
 def _by_group(item_slots: np.ndarray, groups: np.ndarray, num_groups: int) -> np.ndarray:

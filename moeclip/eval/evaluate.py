@@ -15,7 +15,7 @@ from moeclip import io
 from moeclip.data.dataset import DataError
 from moeclip.data.formats import data_format, open_dataset
 from moeclip.eval.probe import factor_probe
-from moeclip.eval.retrieval import retrieval_metrics
+from moeclip.eval.retrieval import DEFAULT_PROTOCOL, check_protocol, protocol_pairs, retrieval_metrics
 from moeclip.eval.zeroshot import DEFAULT_TEMPLATES, zero_shot
 from moeclip.model.encode import sharded_image_features, sharded_text_features, unique_first
 from moeclip.runtime import Runtime
@@ -35,7 +35,7 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
              classnames: Sequence[str] | None = None,
              factors: dict[str, Any] | None = None, batch_size: int = 256, runtime: Runtime | None = None,
              num_workers: int = 0, progress: bool = True, split: str = "test",
-             image_root: str | Path | None = None) -> dict[str, Any]:
+             image_root: str | Path | None = None, protocol: str = DEFAULT_PROTOCOL) -> dict[str, Any]:
     """`table`: CSV/TSV, a Karpathy-split caption JSON (`split` applies to that only) or a ShareGPT4V JSON;
     relative image paths start at `image_root` (default: the file's folder).
 
@@ -44,11 +44,15 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
     metrics, equal to a one-process run's. `runtime` None = one process on the first accelerator.
     class_column: also classify each image zero-shot by that column (`moeclip.eval.zeroshot`), against
     `classnames` (None = the column's distinct values) with `templates`.
+    protocol: which rows are positives (`moeclip.eval.retrieval`): `per_caption` (every caption row its own
+    query, as papers and CLIP_benchmark count) or `multi_positive` (identical captions merged); recorded in
+    the metrics.
     """
+    check_protocol(protocol)
     rt = runtime or Runtime.local()
     model = model.to(rt.device).eval()
     ds = open_dataset(table, preprocess, split=split, image_root=image_root)
-    paths, first_rows, image_of_row = unique_first([r["_path"] for r in ds.rows])
+    paths, first_rows, image_of_row = unique_first(ds.paths)
     captions, _, caption_of_row = unique_first(ds.captions)
 
     read_skips = Counter(ds.skips.counts)  # found while reading the table: every rank found the same
@@ -66,8 +70,10 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
     text_features = sharded_text_features(model, tokenizer, [captions[i] for i in used_caps], batch_size * 2, rt)
     cap_new = np.full(len(captions), -1, dtype=np.int64)
     cap_new[used_caps] = np.arange(len(used_caps))
-    metrics: dict[str, Any] = retrieval_metrics(image_features, text_features,
-                                                img_new[image_of_row[ok]], cap_new[caption_of_row[ok]])
+    image_ids, text_ids, caption_of_item = protocol_pairs(protocol, img_new[image_of_row[ok]],
+                                                          cap_new[caption_of_row[ok]])
+    metrics: dict[str, Any] = {"protocol": protocol, **retrieval_metrics(
+        image_features, text_features[torch.as_tensor(caption_of_item)], image_ids, text_ids)}
     metrics.update(num_images=int(image_features.shape[0]), num_captions=int(len(used_caps)),
                    num_rows=int(ok.sum()), skipped=skipped)
 
@@ -118,6 +124,9 @@ def format_table(metrics: dict[str, Any]) -> str:
             lines.append(f"| zero-shot {k} ({metrics['zeroshot']['num_classes']} classes) | {100 * v:.1f} |")
     if "num_captions" in metrics:
         lines.append(f"| images / captions | {metrics['num_images']} / {metrics['num_captions']} |")
+    if "protocol" in metrics:
+        queries = metrics["num_rows"] if metrics["protocol"] == "per_caption" else metrics["num_captions"]
+        lines.append(f"| retrieval protocol | {metrics['protocol']} ({queries} text queries) |")
     else:
         lines.append(f"| images | {metrics['zeroshot']['num_images']} |")
     if metrics.get("skipped"):

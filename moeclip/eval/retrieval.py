@@ -1,12 +1,37 @@
-"""Image<->text retrieval recall with shared positives, computed in chunks (memory stays bounded).
+"""Image<->text retrieval recall over positive (query, gallery) pairs, computed in chunks (memory stays bounded).
 
-Rows sharing an image or a caption string collapse to one gallery item, and a query counts as a
-hit at k when *any* of its positives is in its top k (open_clip / CLIP_benchmark convention).
+A query counts as a hit at k when *any* of its positives is in its top k. Which rows are positives is the
+evaluation protocol (`PROTOCOLS`), chosen by `protocol_pairs`:
+
+- `per_caption` (the default; COCO/Flickr30k papers, open_clip, LAION's CLIP_benchmark `zeroshot_retrieval`):
+  every caption row is its own text query and its own gallery item, even when its string repeats elsewhere;
+  its image is its only positive; an image's positives are its caption rows.
+- `multi_positive`: rows with the same caption string collapse to one text item whose positives are every image
+  it describes (how synthetic tables, whose captions repeat by design, were scored before; docs/usage.md).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+PROTOCOLS = ("per_caption", "multi_positive")
+DEFAULT_PROTOCOL = "per_caption"
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"retrieval protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def protocol_pairs(protocol: str, image_of_row: np.ndarray,
+                   caption_of_row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (image id, distinct-caption id) -> (image id per row, text item per row, distinct caption of each
+    text item): the text gallery is `caption_features[caption_of_item]`. per_caption makes every row its own
+    text item (a repeated string is encoded once, then copied); multi_positive keeps one item per string."""
+    if check_protocol(protocol) == "per_caption":
+        return image_of_row, np.arange(len(caption_of_row)), caption_of_row
+    return image_of_row, caption_of_row, np.arange(int(caption_of_row.max()) + 1 if len(caption_of_row) else 0)
 
 
 def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, q_idx: np.ndarray, g_idx: np.ndarray,

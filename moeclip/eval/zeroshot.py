@@ -188,7 +188,7 @@ def evaluate_zeroshot(model: nn.Module, preprocess: Callable, tokenizer: Callabl
                             f"'{class_column}' (--class-column); {str(e).split('; ')[1]}") from None
         raise
     read_skips = Counter(ds.skips.counts)  # every rank read the whole table: count these once
-    paths, first_rows, _ = unique_first([r["_path"] for r in ds.rows])
+    paths, first_rows, _ = unique_first(ds.paths)
     feats, loaded = sharded_image_features(model, ds, first_rows.tolist(), batch_size, rt, num_workers, progress)
     keep = np.flatnonzero(loaded.numpy())
     if keep.size == 0:

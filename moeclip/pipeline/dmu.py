@@ -29,6 +29,7 @@ from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, load_b
 from moeclip.pipeline.costs import model_costs
 from moeclip.pipeline.evaluator import Evaluator
 from moeclip.analysis import analyse_experts, write_expert_report
+from moeclip.pipeline.plots import write_plots
 from moeclip.pipeline.report import write_report
 from moeclip.runtime import Runtime
 from moeclip.train.dist import DistributedConfig, make_runtime
@@ -36,6 +37,7 @@ from moeclip.train.mcl_stages import MCLConfig, run_mcl
 from moeclip.train.loop import require_finished, train
 from moeclip.train.moe_finetune import MoEFinetuneConfig, finetune_moe
 from moeclip.train.specialists import init_routers_from_partitions
+from moeclip.train.tracking import LoggingConfig, configure, eval_values, open_step
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,9 @@ class DMUConfig:
     mcl_dir: str | None = None
     seed: int = 0
     eval_batch: int = 256
+    # retrieval protocol of every evaluation (moeclip.eval.retrieval): per_caption = papers / CLIP_benchmark;
+    # multi_positive = identical captions merged (how docs/results.md's tables were made)
+    eval_protocol: Literal["per_caption", "multi_positive"] = "per_caption"
     # expert analysis of the final model (`moeclip experts`); "auto" groups by the base's weakest factor
     experts_group_by: str | None = "auto"
     data: DataConfig = field(default_factory=DataConfig)
@@ -88,6 +93,7 @@ class DMUConfig:
     router_ft: MoEFinetuneConfig = field(default_factory=MoEFinetuneConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # docs/distributed.md
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # trackers, OUTPUT_DIR/logs/<step>/ (docs/usage.md)
 
 
 def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
@@ -95,6 +101,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     main = runtime.is_main
     out = Path(cfg.output_dir)
     started = time.time()
+    configure(runtime.trainer, cfg.logging, out)
+    eval_log = open_step(runtime.trainer, "eval")
     ensure_data(cfg.data, main)
     runtime.barrier()
     torch.manual_seed(cfg.seed)
@@ -103,7 +111,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     factors = find_factors(cfg.data.train) if data_format(cfg.data.train) == "table" else None
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
     evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root,
-                      cfg.data.workers, cfg.data.also_val)
+                      cfg.data.workers, cfg.data.also_val, cfg.eval_protocol,
+                      on_result=lambda name, m: eval_log.log(eval_values(name, m), step=0))
 
     mcl_dir = Path(cfg.mcl_dir) if cfg.mcl_dir else out / "mcl"
     experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, mcl_dir, runtime, cfg.seed, factor_columns)
@@ -154,11 +163,14 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
 
     report: dict[str, Any] = {}
     if main:
+        steps = _step_records(out, mcl_dir, len(experts))
         report = {
             "models": evals.results,
             **({"also_val": evals.also_results} if evals.also_results else {}),
+            "protocol": cfg.eval_protocol,
             "config": to_dict(cfg),
-            "timings": _timings(out, mcl_dir, len(experts), started),
+            "timings": {**{k: v["seconds"] for k, v in steps.items()},
+                        "this_invocation_wall": round(time.time() - started, 1)},
             "mcl": [io.read_json(mcl_dir / f"stage_{s}" / "stage.json")["clusters"]
                     for s in range(1, len(experts))],
             "expert_distance": [[round(ffn_distance(a, b), 5) for b in experts] for a in experts],
@@ -173,25 +185,29 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
                                       len(experts) - 1, len(train_ds),
                                       {"dmu": ft["samples"], **{k: v["samples"] for k, v in baseline_info.items()}})
         report.update(_analyse(load(model_dir)[0], preprocess, tokenizer, cfg, evals.results["base"], out, runtime))
+        report["plots"] = write_plots(out, evals.results, {k: v["history"] for k, v in steps.items() if v["history"]},
+                                      cfg.eval_protocol)
+        report["logs"] = str(runtime.trainer.moeclip_logging[1])
         write_report(out, report)
+    eval_log.close()
     runtime.barrier()
     return report
 
 
-def _timings(out: Path, mcl_dir: Path, num_experts: int, started: float) -> dict[str, float]:
-    """Seconds each step took when it ran, read from the files that mark it done (so a resumed run
-    reports the real durations), plus this invocation's wall time."""
-    t: dict[str, float] = {}
+def _step_records(out: Path, mcl_dir: Path, num_experts: int) -> dict[str, dict[str, Any]]:
+    """{step: {seconds, history}} of every training step that ran, read from the files that mark it done (so a
+    resumed run reports the real durations and the whole loss history)."""
+    t: dict[str, dict[str, Any]] = {}
     for s in range(1, num_experts):
-        sec = io.read_json(mcl_dir / f"stage_{s}" / "stage.json")["seconds"]
-        t[f"mcl_stage_{s}_embed_cluster"] = sec["embed_and_cluster"]
-        t[f"mcl_stage_{s}_train"] = sec["train"]
+        stage = io.read_json(mcl_dir / f"stage_{s}" / "stage.json")
+        t[f"mcl_stage_{s}_embed_cluster"] = {"seconds": stage["seconds"]["embed_and_cluster"], "history": []}
+        t[f"mcl_stage_{s}_train"] = {"seconds": stage["seconds"]["train"], "history": stage["train"]["history"]}
     for name, cfg_path in (("router_ft", out / "model"), ("dmu_router_experts", out / "ablations" / "dmu_router_experts"
                            / "model"), ("upcycle", out / "baselines" / "upcycle" / "model"),
                            ("dense_ft", out / "baselines" / "dense_ft" / "model")):
         if (cfg_path / "config.json").exists():
-            t[name] = io.read_json(cfg_path / "config.json").get("finetune", {}).get("seconds")
-    t["this_invocation_wall"] = round(time.time() - started, 1)
+            ft = io.read_json(cfg_path / "config.json").get("finetune", {})
+            t[name] = {"seconds": ft.get("seconds"), "history": ft.get("history", [])}
     return t
 
 

@@ -1,7 +1,8 @@
 """Evaluate each named model of a recipe once, on every rank, and keep the metrics on disk.
 
 A recipe evaluates several models (base, stages, baselines, the result) on one validation file with one
-tokenizer; a re-run reads the cached metrics instead of evaluating again.
+tokenizer; a re-run reads the cached metrics instead of evaluating again, unless they were made under
+another retrieval protocol (files without one predate protocols: multi_positive).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from moeclip import io
 from moeclip.eval.evaluate import evaluate
+from moeclip.eval.retrieval import DEFAULT_PROTOCOL, check_protocol
 from moeclip.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -27,24 +29,31 @@ class Evaluator:
 
     def __init__(self, root: Path, preprocess: Callable, tokenizer: Callable, val: str, batch_size: int,
                  runtime: Runtime, image_root: str | None = None, num_workers: int = 0,
-                 also: dict[str, str] | None = None) -> None:
+                 also: dict[str, str] | None = None, protocol: str = DEFAULT_PROTOCOL,
+                 on_result: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.root, self.preprocess, self.tokenizer, self.runtime = root, preprocess, tokenizer, runtime
         self.val, self.batch_size, self.image_root, self.num_workers = val, batch_size, image_root, num_workers
         self.sets = {"": val, **(also or {})}  # "" = the main validation set, cached at root/NAME.json
+        self.protocol = check_protocol(protocol)
+        self.on_result = on_result  # rank 0 hands each model's main metrics to it (the recipe's trackers)
         self.results: dict[str, Any] = {}
         self.also_results: dict[str, dict[str, Any]] = {k: {} for k in also or {}}
 
     def _path(self, vset: str, name: str) -> Path:
         return (self.root / vset if vset else self.root) / f"{name}.json"
 
+    def _cached(self, path: Path) -> bool:
+        return path.exists() and io.read_json(path).get("protocol", "multi_positive") == self.protocol
+
     def __call__(self, name: str, make_model: Callable[[], nn.Module]) -> None:
-        todo = [v for v in self.sets if not self._path(v, name).exists()]  # every rank sees the same (barrier)
+        # every rank sees the same: files appear only behind the barrier below
+        todo = [v for v in self.sets if not self._cached(self._path(v, name))]
         if todo:
             model = make_model()
             for vset in todo:
                 metrics = evaluate(model, self.preprocess, self.tokenizer, self.sets[vset], batch_size=self.batch_size,
                                    progress=False, runtime=self.runtime, image_root=self.image_root,
-                                   num_workers=self.num_workers)
+                                   num_workers=self.num_workers, protocol=self.protocol)
                 if self.runtime.is_main:
                     io.write_json(self._path(vset, name), metrics)
                     log.info("%s%s: mean R@1 %.1f", name, f" on {vset}" if vset else "", 100 * metrics["mean_R@1"])
@@ -54,3 +63,5 @@ class Evaluator:
             self.results[name] = io.read_json(self._path("", name))
             for vset in self.also_results:
                 self.also_results[vset][name] = io.read_json(self._path(vset, name))
+            if self.on_result is not None:
+                self.on_result(name, self.results[name])

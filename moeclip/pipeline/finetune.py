@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -23,6 +23,7 @@ from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, load_b
 from moeclip.pipeline.evaluator import Evaluator
 from moeclip.train.dist import DistributedConfig, make_runtime
 from moeclip.train.moe_finetune import MoEFinetuneConfig, finetune_moe
+from moeclip.train.tracking import LoggingConfig, configure, eval_values, open_step
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,12 @@ class FinetuneConfig:
     output_dir: str = "runs/finetune"
     seed: int = 0
     eval_batch: int = 256
+    eval_protocol: Literal["per_caption", "multi_positive"] = "per_caption"  # moeclip.eval.retrieval
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # e.g. model.context_length=248 for long captions
     finetune: MoEFinetuneConfig = field(default_factory=MoEFinetuneConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # docs/distributed.md
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # trackers, OUTPUT_DIR/logs/<step>/
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -49,6 +52,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     runtime = make_runtime(cfg.distributed)
     out = Path(cfg.output_dir)
     started = time.time()
+    configure(runtime.trainer, cfg.logging, out)
     if cfg.top_k is not None and Path(cfg.base).suffix not in CLIP_MOE_SUFFIXES:
         raise ConfigError(f"top_k={cfg.top_k}: applies to a CLIP-MoE .pt base; a moeclip model directory "
                           f"({cfg.base}) keeps its own top-k")
@@ -60,8 +64,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ConfigError(f"base={cfg.base}: a dense model; this recipe fine-tunes an MoE CLIP (make one with "
                           "recipes/dmu.py, moeclip.upcycle, or use a CLIP-MoE .pt release)")
     train_ds = open_train_data(cfg.data, preprocess)
+    eval_log = open_step(runtime.trainer, "eval")
     evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root,
-                      cfg.data.workers, cfg.data.also_val)
+                      cfg.data.workers, cfg.data.also_val, cfg.eval_protocol,
+                      on_result=lambda name, m: eval_log.log(eval_values(name, m), step=0))
     evals("before", lambda: model)
 
     model_dir = out / "model"
@@ -74,6 +80,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             if runtime.is_main:
                 print(f"stopped at step {result['steps']} of {cfg.finetune.train.steps} (finetune.train.stop_at); "
                       "re-run without it to continue")
+            eval_log.close()
             runtime.barrier()
             return {}
         summary = {k: result[k] for k in ("steps", "samples", "seconds", "skipped")}
@@ -91,6 +98,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         report = make_report(evals.results["before"], evals.results["after"], cfg,
                              io.read_json(model_dir / "config.json").get("finetune", {}), time.time() - started)
         write_report(out, report)
+    eval_log.close()
     runtime.barrier()
     return report
 
@@ -126,7 +134,8 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
         verdict += f" {n} validation images: one image is {100 / n:.1f} points of an image-to-text recall."
     lines = ["# Fine-tuning report", "", verdict, "",
              f"Base `{report['base']}`, trained on `{report['data']['train']}` ({ft.get('mode')}, "
-             f"{ft.get('steps')} steps, {ft.get('samples')} samples, {ft.get('seconds')} s).", "",
+             f"{ft.get('steps')} steps, {ft.get('samples')} samples, {ft.get('seconds')} s). "
+             f"Retrieval protocol `{after.get('protocol', 'multi_positive')}` (docs/usage.md).", "",
              "| metric | before | after | change |", "|---|---|---|---|"]
     stretched = report["config"]["model"]["context_length"]
     if stretched:

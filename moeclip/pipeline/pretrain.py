@@ -15,6 +15,7 @@ from moeclip.model.factory import build_dense, preprocess_for, tokenizer_for
 from moeclip.pipeline.common import DataConfig, ensure_data, open_train_data
 from moeclip.train.dist import DistributedConfig, make_runtime
 from moeclip.train.loop import TrainConfig, require_finished, train
+from moeclip.train.tracking import LoggingConfig, configure
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,12 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # trackers, OUTPUT_DIR/logs/pretrain/
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
     runtime = make_runtime(cfg.distributed)
+    configure(runtime.trainer, cfg.logging, cfg.output_dir)
     ensure_data(cfg.data, runtime.is_main)
     runtime.barrier()
     torch.manual_seed(cfg.seed)

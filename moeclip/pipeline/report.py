@@ -24,7 +24,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     head = ["model", *[k.replace("image_to_text", "i→t").replace("text_to_image", "t→i") for k in RETRIEVAL],
             *[f"{f} (chance {_pct(next(iter(models.values()))['factors_chance'][f])})" for f in factor_names]]
     lines = ["# DMU report", "", "Retrieval on the validation split (%), and the per-factor probe "
-             "(accuracy at telling one factor with every other one right).", "",
+             "(accuracy at telling one factor with every other one right).", "", protocol_line(report), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in models.items():
         cells = [name, *[_pct(m.get(k)) for k in RETRIEVAL], *[_pct(m.get("factors", {}).get(f)) for f in factor_names]]
@@ -59,11 +59,27 @@ def render_markdown(report: dict[str, Any]) -> str:
         for name, path in report.get("expert_pictures", {}).items():
             lines.append(f"\n![{name}]({path})")
     lines += costs_markdown(report)
+    plots = report.get("plots", {})
+    if plots:
+        lines += ["", "## Plots", "", "Loss curves of every training step (the loop's logged steps), and retrieval "
+                  "R@1 model by model. Per-layer expert load: the heatmaps above. The same numbers, live: "
+                  f"`tensorboard --logdir {report.get('logs', 'logs')}`.", ""]
+        lines += [f"![{name}]({path})" for name, path in plots.items()]
     lines += ["", "## Budgets (training samples) and timings (seconds, when each step ran)", "",
               "| item | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in {**report.get("budgets", {}), **report.get("timings", {})}.items()]
     lines.append("")
     return "\n".join(lines)
+
+
+def protocol_line(report: dict[str, Any]) -> str:
+    """Which retrieval protocol made the numbers: they are not comparable across protocols."""
+    protocol = report.get("protocol") or next(iter(report["models"].values()), {}).get("protocol", "multi_positive")
+    if protocol == "per_caption":
+        return ("Protocol `per_caption`: every caption row is its own query, its own image the only positive "
+                "(as COCO/Flickr30k papers and CLIP_benchmark count).")
+    return ("Protocol `multi_positive`: identical captions are merged into one query whose positives are all their "
+            "images (not comparable with published numbers; `eval_protocol=per_caption` is those).")
 
 
 def verdict(models: dict[str, Any]) -> list[str]:

@@ -33,6 +33,7 @@ from moeclip.moe import moe_layers
 from moeclip.runtime import Runtime
 from moeclip.train.batches import run_loader
 from moeclip.train.losses import clip_loss, gather_ids, gather_with_grad, positive_mask
+from moeclip.train.tracking import open_step, run_name, train_values
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ def train(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: T
                dynamic_ncols=True, leave=False)
     pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
     batches = run_loader(dataset, sampler, step, cfg.steps, collate, cfg.num_workers, pin, cfg.prefetch_factor)
+    trackers = open_step(accelerator, run_name(desc))  # OUTPUT_DIR/logs/<desc>/ on rank 0 (moeclip.train.tracking)
+    logged_step, logged_at = step, time.time()
     while step < cfg.steps:
         metrics: dict[str, float] = {}
         micro = [next(batches) for _ in range(cfg.grad_accum)]
@@ -217,9 +220,15 @@ def train(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: T
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            entry = {"step": step, "lr": scheduler.get_last_lr()[0], **{k: round(v, 5) for k, v in metrics.items()}}
+            now = time.time()
+            rate = (step - logged_step) * cfg.global_batch / max(now - logged_at, 1e-9)
+            logged_step, logged_at = step, now
+            entry = {"step": step, "lr": scheduler.get_last_lr()[0], **{k: round(v, 5) for k, v in metrics.items()},
+                     "samples_per_s": round(rate, 1)}
             state["history"].append(entry)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+            if trackers.active:
+                trackers.log(train_values(entry, unwrapped if trackers.config.router_stats else None), step)
         stopping = cfg.stop_at is not None and step >= cfg.stop_at
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
             state.update(step=step, seconds=time.time() - t_start)
@@ -227,6 +236,7 @@ def train(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: T
         if stopping:
             break
     bar.close()
+    trackers.close()
     backend.teardown(model)
     if dataset.skips.counts and accelerator.is_main_process:
         log.warning("%s: %s", desc, dataset.skips.summary())

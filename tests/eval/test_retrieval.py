@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 import torch
 
-from moeclip.eval.retrieval import recall_at_k, retrieval_metrics
+from moeclip.eval.retrieval import protocol_pairs, recall_at_k, retrieval_metrics
 
 
 def test_recall_counts_any_positive():
@@ -40,3 +41,29 @@ def test_chunking_does_not_change_result():
     a = recall_at_k(q, g, qi, gi, chunk=7)
     b = recall_at_k(q, g, qi, gi, chunk=1000)
     assert a == b
+
+
+def _protocol_metrics(protocol):
+    """Image A = e0, image B = e1; rows (A, "x"), (A, "y"), (B, "x"); "x" looks like B, "y" like A."""
+    images = torch.eye(2)
+    captions = torch.nn.functional.normalize(torch.tensor([[0.2, 1.0], [1.0, 0.0]]), dim=1)  # "x", "y"
+    image_ids, text_ids, caption_of_item = protocol_pairs(protocol, np.array([0, 0, 1]), np.array([0, 1, 0]))
+    return retrieval_metrics(images, captions[torch.as_tensor(caption_of_item)], image_ids, text_ids, ks=(1, 2))
+
+
+def test_per_caption_gives_each_row_its_own_image_only():
+    m = _protocol_metrics("per_caption")
+    # row 0 ("x" of A) retrieves B first: a miss, although "x" also describes B
+    assert m["text_to_image_R@1"] == 2 / 3 and m["text_to_image_R@2"] == 1.0
+    assert m["image_to_text_R@2"] == 1.0
+
+
+def test_multi_positive_merges_identical_captions():
+    m = _protocol_metrics("multi_positive")
+    # one "x" query whose positives are A and B: B first is a hit
+    assert m["text_to_image_R@1"] == 1.0 and m["image_to_text_R@1"] == 1.0
+
+
+def test_unknown_protocol_is_named():
+    with pytest.raises(ValueError, match="protocol 'papers': expected one of per_caption, multi_positive"):
+        protocol_pairs("papers", np.array([0]), np.array([0]))

@@ -1,6 +1,8 @@
 """The whole DMU pipeline, launched the way users launch it, on the smoke config (about a minute)."""
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +36,17 @@ def test_dmu_smoke_end_to_end(tmp_path):
     assert costs["dmu"]["image_flops"] > costs["base"]["image_flops"] == costs["dense_ft"]["image_flops"]
     assert costs["dmu"]["train_samples"] == costs["upcycle"]["train_samples"] == b["dmu_total_samples"]
     assert costs["dmu_router_experts"]["train_flops"] > costs["dmu"]["train_flops"] > 0
-    assert (out / "report.md").read_text().startswith("# DMU report")
+    md = (out / "report.md").read_text()
+    assert md.startswith("# DMU report") and "Protocol `per_caption`" in md
+    assert report["protocol"] == "per_caption" and {m["protocol"] for m in report["models"].values()} == {"per_caption"}
+    # the plots report.md shows exist (loss curves, stage-by-stage metrics, the expert-load heatmaps)
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
+    assert {"plots/losses.png", "plots/stages.png", "experts/load_visual.png"} <= set(pictures)
+    assert all((out / p).is_file() for p in pictures)
+    if importlib.util.find_spec("tensorboard") is not None:  # one TensorBoard run per pipeline step
+        for step in ("eval", "mcl_stage_1", "mcl_stage_2", "dmu_router_ft", "dmu_router_experts",
+                     "upcycle_baseline", "dense_ft_baseline"):
+            assert list((out / "logs" / step).glob("events.out.tfevents.*")), step
     # the saved model reproduces the report's DMU numbers through the CLI
     ev = subprocess.run([str(Path(sys.executable).parent / "moeclip"), "eval", "--model", str(out / "model"),
                          "--data", f"{data}/val.csv", "--out", str(tmp_path / "m.json")],
