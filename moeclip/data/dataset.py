@@ -12,7 +12,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import torch
 from PIL import Image, ImageOps
@@ -153,6 +153,10 @@ class CaptionDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.table}: no column '{name}'")
         return [r[name] for r in self.rows]
 
+    def open_image(self, i: int) -> Image.Image:
+        """Row i's image decoded; a subclass that keeps images elsewhere (shards) reads them here."""
+        return load_image(self.rows[i]["_path"])
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[i]
         item = {"index": i, "caption": row["_caption"], "ok": True}
@@ -161,7 +165,7 @@ class CaptionDataset(torch.utils.data.Dataset):
             item["image"] = cached
             return item
         try:
-            img = load_image(row["_path"])
+            img = self.open_image(i)
         except Exception as e:  # any unreadable image is a skip, never a crash
             item.update(ok=False, reason=_reason(e), where=f"{self.table}:{row['_line']} ({row['_path']})")
             return item
@@ -173,7 +177,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         return item
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path | BinaryIO) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:

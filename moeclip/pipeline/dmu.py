@@ -19,7 +19,7 @@ from torch import nn
 from moeclip import io
 from moeclip.config import to_dict
 from moeclip.data.dataset import CaptionDataset
-from moeclip.data.formats import data_format
+from moeclip.data.formats import has_factor_columns
 from moeclip.eval.evaluate import find_factors
 from moeclip.loader import load, save_model_dir
 from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
@@ -90,7 +90,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     base, preprocess, tokenizer = load_base(cfg.base, cfg.model)  # stretched once, here: every step sees it
     train_ds = open_train_data(cfg.data, preprocess)
-    factors = find_factors(cfg.data.train) if data_format(cfg.data.train) == "table" else None
+    factors = find_factors(cfg.data.train) if has_factor_columns(cfg.data.train) else None
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
     evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root)
 
