@@ -159,6 +159,23 @@ def _cell(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _same_columns(rows: list[dict[str, Any]], where: Path) -> list[dict[str, Any]]:
+    """Every row with every column, as in a table: a json field some samples lack is an empty cell there (and
+    said once, with how many samples lack it)."""
+    columns: dict[str, int] = {}
+    for row in rows:
+        for k in row:
+            columns[k] = columns.get(k, 0) + 1
+    lacking = {k: len(rows) - n for k, n in columns.items() if n < len(rows)}
+    if lacking:
+        log.warning("%s: json field(s) missing from some samples, read as empty: %s", where,
+                    ", ".join(f"'{k}' in {n}" for k, n in lacking.items()))
+        for row in rows:
+            for k in lacking:
+                row.setdefault(k, "")
+    return rows
+
+
 def read_member(shard: str | Path, offset: int, size: int) -> bytes:
     """One member's bytes by position (a file opened per read: no handle to share across DataLoader workers)."""
     with open(shard, "rb") as f:
@@ -196,7 +213,7 @@ class ShardDataset(CaptionDataset):
         if not rows:
             raise DataError(f"{pattern}: no usable samples in {len(self.shards)} shard(s) "
                             f"({self.skips.summary() if self.skips.counts else 'the shards are empty'})")
-        self.rows = rows
+        self.rows = _same_columns(rows, self.table)
         # where each row's image lies: kept beside the rows (numbers, not string columns)
         self._shard = np.asarray(shard_of, dtype=np.int32)
         self._offset = np.asarray(offsets, dtype=np.int64)

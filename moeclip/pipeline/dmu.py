@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -19,7 +20,7 @@ from torch import nn
 from moeclip import io
 from moeclip.config import to_dict
 from moeclip.data.dataset import CaptionDataset
-from moeclip.data.formats import has_factor_columns
+from moeclip.data.formats import data_format, has_factor_columns
 from moeclip.eval.evaluate import find_factors
 from moeclip.loader import load, save_model_dir
 from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
@@ -90,6 +91,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     base, preprocess, tokenizer = load_base(cfg.base, cfg.model)  # stretched once, here: every step sees it
     train_ds = open_train_data(cfg.data, preprocess)
+    read_skips = dict(train_ds.skips.counts)  # found when the data was opened, before any image is read
     factors = find_factors(cfg.data.train) if has_factor_columns(cfg.data.train) else None
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
     evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root)
@@ -145,6 +147,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     if main:
         report = {
             "models": evals.results,
+            "data": _data_summary(cfg.data.train, len(train_ds), read_skips, mcl_dir),
             "config": to_dict(cfg),
             "timings": _timings(out, mcl_dir, len(experts), started),
             "mcl": [io.read_json(mcl_dir / f"stage_{s}" / "stage.json")["clusters"]
@@ -161,6 +164,17 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         write_report(out, report)
     runtime.barrier()
     return report
+
+
+def _data_summary(train: str, rows: int, read_skips: dict[str, int], mcl_dir: Path) -> dict[str, Any]:
+    """The training data and every sample it lost: those skipped when it was opened (no caption, no image member,
+    ...) plus the images the first embedding pass could not decode (each unique image is read there once; its
+    counts are committed with its progress, so a resumed run reports the same)."""
+    skipped = Counter(read_skips)
+    progress = mcl_dir / "stage_1" / "features" / "progress.json"
+    if progress.exists():
+        skipped.update(io.read_json(progress).get("skipped", {}))
+    return {"train": str(train), "format": data_format(train), "rows": rows, "skipped": dict(sorted(skipped.items()))}
 
 
 def _timings(out: Path, mcl_dir: Path, num_experts: int, started: float) -> dict[str, float]:

@@ -77,6 +77,7 @@ def test_bad_members_are_counted(tmp_path):
     ds = ShardDataset(shard)
     assert ds.captions == ["a red square", "from json", "a broken image"]
     assert ds.rows[1]["cls"] == "3" and ds.rows[1]["_path"].endswith("#jsoncap.jpg")
+    assert ds.column("cls") == ["", "3", ""]  # a json field some samples lack: an empty cell, as in a table
     assert dict(ds.skips.counts) == {"no caption (txt member or json caption)": 1, "empty caption": 1,
                                      "no image member (jpg/png/jpeg/webp)": 1, "json member not valid JSON": 1}
     assert any(f"{shard}:noimage" in e for e in ds.skips.examples)
