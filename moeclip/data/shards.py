@@ -101,10 +101,14 @@ def _suffix(name: str) -> str:
 
 
 def _check_end(tar: tarfile.TarFile, shard: Path, size: int) -> None:
-    """tarfile stops quietly at a damaged header after the first; everything past the last member must be the
-    zero blocks that end a tar, or samples would be lost without a word."""
+    """tarfile stops quietly at a damaged or cut-off header after the first, and at a file cut between members:
+    past the last member there must be tar's end-of-archive zero blocks and nothing else, or samples would be lost
+    without a word."""
     f = tar.fileobj
     f.seek(tar.offset)
+    if size - tar.offset < tarfile.BLOCKSIZE:
+        raise DataError(f"{shard}: truncated tar (it ends at byte {size} without tar's end-of-archive blocks); "
+                        "re-copy or re-write the shard")
     while chunk := f.read(1 << 20):
         if chunk.count(0) != len(chunk):
             raise DataError(f"{shard}: corrupt tar (unreadable header at byte {tar.offset} of {size}); "

@@ -188,7 +188,7 @@ def _write_shards(shards: list[Path], samples: Iterator[tuple[dict, bytes]], sha
     from webdataset import TarWriter
     it = enumerate(samples)
     for shard in shards:
-        with atomic_path(shard) as tmp, TarWriter(str(tmp), mtime=0.0) as tar:  # fixed mtime: same bytes
+        with atomic_path(shard) as tmp, TarWriter(str(tmp), mtime=0) as tar:  # int mtime: same bytes, no pax headers
             for i, (values, png) in itertools.islice(it, shard_size):
                 tar.write({"__key__": f"{i:06d}", "png": png, "txt": caption(values).encode(),
                            "json": json.dumps(values).encode()})

@@ -111,17 +111,20 @@ def _one_line_naming(exc, shard):
 
 def test_broken_tars_end_with_one_line(tmp_path, both):
     good = open(str(both[1]["train"]).replace("{000000..000002}", "000000"), "rb").read()
-    truncated = tmp_path / "trunc-000000.tar"
-    truncated.write_bytes(good[:len(good) // 2 + 100])
-    with pytest.raises(DataError) as e:
-        ShardDataset(str(truncated))
-    assert "truncated" in _one_line_naming(e, truncated) or "not a readable tar" in str(e.value)
-    # a damaged header after the first: tarfile alone would stop there and lose the rest quietly
+    with tarfile.open(fileobj=io.BytesIO(good)) as tar:
+        member = tar.getmembers()[4]  # sample 1's second member
+    # cut inside a header, inside a member's data, exactly between members: tarfile alone would end quietly
+    # at the first and last, losing the rest of the shard
+    for cut in (member.offset + 100, member.offset_data + 10, member.offset):
+        truncated = tmp_path / f"trunc-{cut}.tar"
+        truncated.write_bytes(good[:cut])
+        with pytest.raises(DataError) as e:
+            ShardDataset(str(truncated))
+        assert "truncated" in _one_line_naming(e, truncated) or "unexpected end" in str(e.value), cut
+    # a damaged header after the first
     damaged = tmp_path / "damaged-000000.tar"
     data = bytearray(good)
-    with tarfile.open(fileobj=io.BytesIO(good)) as tar:
-        at = tar.getmembers()[4].offset  # the header of sample 1's second member
-    data[at: at + 100] = b"\xff" * 100
+    data[member.offset: member.offset + 100] = b"\xff" * 100
     damaged.write_bytes(bytes(data))
     with pytest.raises(DataError) as e:
         ShardDataset(str(damaged))
@@ -132,8 +135,8 @@ def test_broken_tars_end_with_one_line(tmp_path, both):
         ShardDataset(str(junk))
     assert "not a readable tar" in _one_line_naming(e, junk)
     with pytest.raises(DataError) as e:
-        ShardDataset(str(tmp_path / "trunc-{000000..000001}.tar"))
-    assert "shard not found" in _one_line_naming(e, tmp_path / "trunc-000001.tar")
+        ShardDataset(str(tmp_path / "damaged-{000000..000001}.tar"))
+    assert "shard not found" in _one_line_naming(e, tmp_path / "damaged-000001.tar")
     (tmp_path / "z.tar.gz").write_bytes(b"")
     with pytest.raises(DataError, match="compressed shards"):
         ShardDataset(str(tmp_path / "z.tar.gz"))
