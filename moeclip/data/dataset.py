@@ -12,10 +12,13 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from moeclip.data.rows import Rows
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,9 @@ def read_json_data(path: str | Path, expected: str) -> Any:
         raise DataError(f"{path}: not a JSON file ({e}); expected {expected}") from None
 
 
-def read_table(path: str | Path, img_key: str = "filepath", caption_key: str = "title") -> list[dict[str, str]]:
-    """Rows of a CSV/TSV as dicts (all columns kept: factors and classes ride along)."""
+def iter_table(path: str | Path, img_key: str = "filepath", caption_key: str = "title") -> Iterator[dict[str, str]]:
+    """Rows of a CSV/TSV as dicts, one at a time (all columns kept: factors and classes ride along), with
+    `_line` and `_malformed` ("1" when the field count differs from the header)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data file not found")
@@ -73,7 +77,6 @@ def read_table(path: str | Path, img_key: str = "filepath", caption_key: str = "
             if missing:
                 raise DataError(f"{path}: missing column(s) {missing}; found {header}. "
                                 f"Name the image column '{img_key}' and the caption column '{caption_key}'")
-            rows = []
             start = 2
             for r in reader:
                 if reader.line_num - start > 0 and any(v and "\n" in v and sep in v for v in r.values()
@@ -85,16 +88,25 @@ def read_table(path: str | Path, img_key: str = "filepath", caption_key: str = "
                 row["_line"] = str(reader.line_num)
                 # a row with too many or too few fields: usually a stray quote or delimiter
                 row["_malformed"] = "1" if None in r or any(v is None for v in r.values()) else ""
-                rows.append(row)
+                yield row
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e}); re-save the table as UTF-8") from None
     except csv.Error as e:
         raise DataError(f"{path}: malformed table ({e}); fix the quoting") from None
-    return rows
+
+
+def read_table(path: str | Path, img_key: str = "filepath", caption_key: str = "title") -> Rows:
+    """`iter_table`'s rows, stored as columns."""
+    return Rows.from_dicts(iter_table(path, img_key, caption_key))
 
 
 class CaptionDataset(torch.utils.data.Dataset):
-    """One item per (image, caption) row; several rows may share an image."""
+    """One item per (image, caption) row; several rows may share an image.
+
+    `rows` is columnar (`moeclip.data.rows.Rows`): 10M rows cost about their text, shared with DataLoader
+    workers, where a list of dicts cost ~10 GB per process. Subclasses for other formats fill it and call
+    `_index_rows`.
+    """
 
     def __init__(self, table: str | Path, transform: Callable | None = None, img_key: str = "filepath",
                  caption_key: str = "title", max_caption_chars: int = 1000, cache_mb: float = 0,
@@ -105,35 +117,40 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.set_cache(cache_mb)
         self.skips = SkipLog()
         root = Path(image_root) if image_root is not None else self.table.parent
-        self.rows: list[dict[str, str]] = []
-        seen: set[tuple[str, str]] = set()
-        self.duplicate_rows = 0
-        for row in read_table(self.table, img_key, caption_key):
-            where = f"{self.table}:{row['_line']}"
-            cap = (row.get(caption_key) or "").strip()
-            if row["_malformed"]:
-                self.skips.add("malformed row (field count differs from header)", where)
-                continue
-            if not cap:
-                self.skips.add("empty caption", where)
-                continue
-            if not (row.get(img_key) or "").strip():
-                self.skips.add("empty image path", where)
-                continue
-            p = Path(row[img_key].strip())
-            row["_path"] = str(p if p.is_absolute() else root / p)
-            row["_caption"] = cap[:max_caption_chars]
-            key = (row["_path"], row["_caption"])
-            self.duplicate_rows += key in seen  # kept: a repeated pair is data, not an error
-            seen.add(key)
-            self.rows.append(row)
-        if not self.rows:
+
+        def usable() -> Iterator[dict[str, str]]:
+            for row in iter_table(self.table, img_key, caption_key):
+                where = f"{self.table}:{row['_line']}"
+                cap = (row.get(caption_key) or "").strip()
+                if row.pop("_malformed"):
+                    self.skips.add("malformed row (field count differs from header)", where)
+                    continue
+                if not cap:
+                    self.skips.add("empty caption", where)
+                    continue
+                if not (row.get(img_key) or "").strip():
+                    self.skips.add("empty image path", where)
+                    continue
+                p = Path(row[img_key].strip())
+                row["_path"] = str(p if p.is_absolute() else root / p)
+                row["_caption"] = cap[:max_caption_chars]
+                yield row
+
+        self.rows = Rows.from_dicts(usable())
+        if not len(self.rows):
             raise DataError(f"{self.table}: no usable rows ({self.skips.summary()})")
         if self.skips.counts:
             log.warning("%s: %s", self.table, self.skips.summary())
-        # ids for multi-positive losses and metrics: identical captions / images are shared positives
-        self.caption_ids = _ids([r["_caption"] for r in self.rows])
-        self.image_ids = _ids([r["_path"] for r in self.rows])
+        self._index_rows()
+
+    def _index_rows(self) -> None:
+        """Ids for multi-positive losses and metrics (identical captions / images are shared positives), and
+        the count of repeated (image, caption) pairs, kept: a repeated pair is data, not an error."""
+        self.caption_ids = _ids(self.rows.column("_caption"))
+        self.image_ids = _ids(self.rows.column("_path"))
+        cap, img = self.caption_ids.numpy(), self.image_ids.numpy()
+        pairs = img * (int(cap.max(initial=0)) + 1) + cap
+        self.duplicate_rows = len(pairs) - len(np.unique(pairs))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -146,33 +163,43 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     @property
     def captions(self) -> list[str]:
-        return [r["_caption"] for r in self.rows]
+        return list(self.rows.column("_caption"))
+
+    @property
+    def paths(self) -> list[str]:
+        """Each row's image path (rows sharing an image repeat it)."""
+        return list(self.rows.column("_path"))
 
     def column(self, name: str) -> list[str]:
-        if name not in self.rows[0]:
+        if name not in self.rows.names:
             raise DataError(f"{self.table}: no column '{name}'")
-        return [r[name] for r in self.rows]
+        return list(self.rows.column(name))
+
+    def where(self, i: int) -> str:
+        """Where row i came from, for skip messages."""
+        line = self.rows.column("_line")[i] if "_line" in self.rows.names else str(i)
+        return f"{self.table}:{line}"
 
     def open_image(self, i: int) -> Image.Image:
         """Row i's image decoded; a subclass that keeps images elsewhere (shards) reads them here."""
-        return load_image(self.rows[i]["_path"])
+        return load_image(self.rows.column("_path")[i])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.rows[i]
-        item = {"index": i, "caption": row["_caption"], "ok": True}
-        cached = self._cache.get(row["_path"])
+        path, caption = self.rows.column("_path")[i], self.rows.column("_caption")[i]
+        item = {"index": i, "caption": caption, "ok": True}
+        cached = self._cache.get(path)
         if cached is not None:
             item["image"] = cached
             return item
         try:
             img = self.open_image(i)
         except Exception as e:  # any unreadable image is a skip, never a crash
-            item.update(ok=False, reason=_reason(e), where=f"{self.table}:{row['_line']} ({row['_path']})")
+            item.update(ok=False, reason=_reason(e), where=f"{self.where(i)} ({path})")
             return item
         item["image"] = self.transform(img) if self.transform else img
         size = item["image"].nbytes if isinstance(item["image"], torch.Tensor) else None
         if size is not None and size <= self._cache_room:
-            self._cache[row["_path"]] = item["image"]
+            self._cache[path] = item["image"]
             self._cache_room -= size
         return item
 
@@ -207,6 +234,7 @@ def _reason(e: Exception) -> str:
 
 
 def _ids(values: Sequence[str]) -> torch.Tensor:
+    """Dense ids in order of first appearance (equal strings, equal ids)."""
     index: dict[str, int] = {}
     return torch.tensor([index.setdefault(v, len(index)) for v in values], dtype=torch.long)
 

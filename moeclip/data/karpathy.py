@@ -12,9 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from moeclip.data.dataset import CaptionDataset, DataError, SkipLog, read_json_data
+from moeclip.data.rows import Rows
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +85,13 @@ class KarpathyDataset(CaptionDataset):
         self.set_cache(0)
         self.skips = SkipLog()
         self.split = split
-        self.rows = read_karpathy(path, split, image_root, self.skips)
-        for row in self.rows:
+        rows = read_karpathy(path, split, image_root, self.skips)
+        for row in rows:
             row["_caption"] = row["_caption"][:max_caption_chars]
+        self.rows = Rows.from_dicts(rows)
         if self.skips.counts:
             log.warning("%s: %s", self.table, self.skips.summary())
-        self.caption_ids = _ids([r["_caption"] for r in self.rows])
-        self.image_ids = _ids([r["_path"] for r in self.rows])
-
-
-def _ids(values: list[str]) -> torch.Tensor:
-    index: dict[str, int] = {}
-    return torch.tensor([index.setdefault(v, len(index)) for v in values], dtype=torch.long)
+        self._index_rows()
 
 
 def is_karpathy(path: str | Path) -> bool:

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import tarfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,7 +27,8 @@ from PIL import Image
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys
 
-from moeclip.data.dataset import CaptionDataset, DataError, SkipLog, _ids, load_image
+from moeclip.data.dataset import CaptionDataset, DataError, SkipLog, load_image
+from moeclip.data.rows import Rows
 
 log = logging.getLogger(__name__)
 
@@ -163,21 +165,14 @@ def _cell(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _same_columns(rows: list[dict[str, Any]], where: Path) -> list[dict[str, Any]]:
-    """Every row with every column, as in a table: a json field some samples lack is an empty cell there (and
-    said once, with how many samples lack it)."""
-    columns: dict[str, int] = {}
-    for row in rows:
-        for k in row:
-            columns[k] = columns.get(k, 0) + 1
-    lacking = {k: len(rows) - n for k, n in columns.items() if n < len(rows)}
+def _warn_lacking(rows: list[dict[str, Any]], where: Path) -> None:
+    """Rows become a table (`Rows.from_dicts`: a field a row lacks is an empty cell); say which json fields
+    some samples lack, and in how many, rather than fill them in without a word."""
+    seen: Counter = Counter(k for row in rows for k in row)
+    lacking = {k: len(rows) - n for k, n in seen.items() if n < len(rows)}
     if lacking:
         log.warning("%s: json field(s) missing from some samples, read as empty: %s", where,
                     ", ".join(f"'{k}' in {n}" for k, n in lacking.items()))
-        for row in rows:
-            for k in lacking:
-                row.setdefault(k, "")
-    return rows
 
 
 def read_member(shard: str | Path, offset: int, size: int) -> bytes:
@@ -217,16 +212,15 @@ class ShardDataset(CaptionDataset):
         if not rows:
             raise DataError(f"{pattern}: no usable samples in {len(self.shards)} shard(s) "
                             f"({self.skips.summary() if self.skips.counts else 'the shards are empty'})")
-        self.rows = _same_columns(rows, self.table)
+        _warn_lacking(rows, self.table)
+        self.rows = Rows.from_dicts(rows)
         # where each row's image lies: kept beside the rows (numbers, not string columns)
         self._shard = np.asarray(shard_of, dtype=np.int32)
         self._offset = np.asarray(offsets, dtype=np.int64)
         self._size = np.asarray(sizes, dtype=np.int64)
         if self.skips.counts:
             log.warning("%s: %s", self.table, self.skips.summary())
-        self.duplicate_rows = len(rows) - len({(r["_path"], r["_caption"]) for r in rows})
-        self.caption_ids = _ids([r["_caption"] for r in self.rows])
-        self.image_ids = _ids([r["_path"] for r in self.rows])
+        self._index_rows()
 
     def open_image(self, i: int) -> Image.Image:
         data = read_member(self.shards[self._shard[i]], int(self._offset[i]), int(self._size[i]))

@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from moeclip.data.dataset import CaptionDataset, DataError, SkipLog, _ids, read_json_data
+from moeclip.data.dataset import CaptionDataset, DataError, SkipLog, read_json_data
+from moeclip.data.rows import Rows
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,9 @@ class ShareGPT4VDataset(CaptionDataset):
         self.transform = transform
         self.set_cache(cache_mb)
         self.skips = SkipLog()
-        self.rows = read_sharegpt4v(path, image_root, self.skips)
+        rows = read_sharegpt4v(path, image_root, self.skips)
         truncated = 0
-        for row in self.rows:
+        for row in rows:
             truncated += len(row["_caption"]) > max_caption_chars
             row["_caption"] = row["_caption"][:max_caption_chars]
         if truncated:
@@ -100,6 +101,5 @@ class ShareGPT4VDataset(CaptionDataset):
                         max_caption_chars)
         if self.skips.counts:
             log.warning("%s: %s", self.table, self.skips.summary())
-        self.duplicate_rows = len(self.rows) - len({(r["_path"], r["_caption"]) for r in self.rows})
-        self.caption_ids = _ids([r["_caption"] for r in self.rows])
-        self.image_ids = _ids([r["_path"] for r in self.rows])
+        self.rows = Rows.from_dicts(rows)
+        self._index_rows()

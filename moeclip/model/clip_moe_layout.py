@@ -251,7 +251,8 @@ def check_family(model: nn.Module) -> None:
         raise ValueError("the model uses nn.GELU; the CLIP-MoE layout is QuickGELU only")
     if not moe_layers(model):
         raise ValueError("the model has no MoE layers; the CLIP-MoE layout holds an MoE CLIP")
-    moe_config(model)  # one (num_experts, top_k) for all layers, or a clear error
+    if moe_config(model).get("shared_expert"):  # also: one (num_experts, top_k) for all layers, or a clear error
+        raise ValueError("the model has a shared expert; the CLIP-MoE layout has routed experts only")
     state = {to_file_key(k): v for k, v in model.state_dict().items()}
     state["positional_embedding_res"] = state["positional_embedding"]
     spec = infer_spec(state, "the model")

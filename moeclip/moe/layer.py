@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .dispatch import DISPATCHERS
-from .router import Routing, TopKRouter
+from .router import DEFAULT_ROUTER_INIT_STD, Routing, TopKRouter
 
 
 class LocalExperts(nn.ModuleList):
@@ -52,9 +52,15 @@ class LocalExperts(nn.ModuleList):
 
 
 class MoEFFN(nn.Module):
-    """Router + experts backend."""
+    """Router + experts backend, and optionally a shared expert beside them.
 
-    def __init__(self, experts: list[nn.Module] | nn.Module, router: TopKRouter, dispatch: str = "sorted") -> None:
+    The shared expert (DeepSeekMoE; CLIP-FMoE's fusion gate) is a dense FFN every token goes through; a learned
+    per-token gate g = sigmoid(fusion(x)) mixes it in: g * shared(x) + (1 - g) * routed(x). Started from the
+    base FFN, it keeps what the base knew while the routed experts specialise. The gate starts at 0.5.
+    """
+
+    def __init__(self, experts: list[nn.Module] | nn.Module, router: TopKRouter, dispatch: str = "sorted",
+                 shared: nn.Module | None = None) -> None:
         super().__init__()
         if not isinstance(experts, nn.Module):
             experts = LocalExperts(list(experts), dispatch)
@@ -62,6 +68,13 @@ class MoEFFN(nn.Module):
             raise ValueError(f"{len(experts)} experts but the router has {router.num_experts} outputs")
         self.router = router
         self.experts = experts
+        self.shared = shared
+        self.fusion: nn.Linear | None = None
+        if shared is not None:
+            d_model = router.proj.in_features
+            self.fusion = nn.Linear(d_model, 1).to(device=router.proj.weight.device, dtype=router.proj.weight.dtype)
+            nn.init.zeros_(self.fusion.weight)
+            nn.init.zeros_(self.fusion.bias)
         # Real-token mask [B, L] (False = padding), set per batch by the text tower's embedding hook.
         self.token_mask: torch.Tensor | None = None
         self.last_routing: Routing | None = None
@@ -69,8 +82,9 @@ class MoEFFN(nn.Module):
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, num_experts: int, top_k: int, jitter: float = 0.0,
-                   router_init_std: float = 0.0, dispatch: str = "sorted") -> "MoEFFN":
-        """Every expert starts as an exact copy of `mlp` (activation type, weights, dtype, device)."""
+                   router_init_std: float = DEFAULT_ROUTER_INIT_STD, dispatch: str = "sorted",
+                   shared_expert: bool = False) -> "MoEFFN":
+        """Every expert (and the shared one) starts as an exact copy of `mlp` (activation, weights, dtype, device)."""
         if isinstance(mlp, MoEFFN):
             raise ValueError("this FFN is already an MoE layer")
         c_fc, c_proj = getattr(mlp, "c_fc", None), getattr(mlp, "c_proj", None)
@@ -79,7 +93,7 @@ class MoEFFN(nn.Module):
         router = TopKRouter(c_fc.in_features, num_experts, top_k, jitter=jitter, init_std=router_init_std)
         router.to(device=c_fc.weight.device, dtype=c_fc.weight.dtype)
         experts = [copy.deepcopy(mlp) for _ in range(num_experts)]
-        return cls(experts, router, dispatch=dispatch)
+        return cls(experts, router, dispatch=dispatch, shared=copy.deepcopy(mlp) if shared_expert else None)
 
     @property
     def num_experts(self) -> int:
@@ -118,7 +132,11 @@ class MoEFFN(nn.Module):
         routing = self.router(tokens)
         self.last_routing = routing
         self.last_mask = self._real_token_mask(x.shape[:-1], x.device)
-        return self.experts(tokens, routing).reshape(x.shape)
+        out = self.experts(tokens, routing)
+        if self.shared is not None:
+            gate = torch.sigmoid(self.fusion(tokens).float()).to(out.dtype)
+            out = gate * self.shared(tokens) + (1 - gate) * out
+        return out.reshape(x.shape)
 
     def __getstate__(self) -> dict:
         """Per-batch state is transient; a routing still attached to a graph would break `copy.deepcopy`."""
@@ -127,4 +145,4 @@ class MoEFFN(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, top_k={self.top_k}"
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, shared_expert={self.shared is not None}"

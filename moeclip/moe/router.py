@@ -34,11 +34,18 @@ class Routing:
         return self.experts.shape[1]
 
 
+# A zero gate gives every logit 0: top-k tie-breaking then sends every token to the same k experts, and with
+# renormalised top-k weights the task loss never raises the logit of an expert it did not choose (only the
+# load-balancing loss can). A small random gate breaks the tie from the first step, as the authors' nn.Linear
+# init did; 0.0 stays available for studies of the zero start.
+DEFAULT_ROUTER_INIT_STD = 0.02
+
+
 class TopKRouter(nn.Module):
     """Linear gate + fp32 softmax + top-k; no capacity limit, so no token is ever dropped."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, jitter: float = 0.0,
-                 init_std: float = 0.0) -> None:
+                 init_std: float = DEFAULT_ROUTER_INIT_STD) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
@@ -53,8 +60,8 @@ class TopKRouter(nn.Module):
     def num_experts(self) -> int:
         return self.proj.out_features
 
-    def reset_parameters(self, init_std: float = 0.0) -> None:
-        """std 0 = all-zero gate: uniform probabilities, so upcycling starts from an even expert mix."""
+    def reset_parameters(self, init_std: float = DEFAULT_ROUTER_INIT_STD) -> None:
+        """Gate weights ~ N(0, init_std); std 0 = all-zero gate (uniform probabilities, tied top-k)."""
         with torch.no_grad():
             if init_std > 0:
                 self.proj.weight.normal_(0.0, init_std)

@@ -11,15 +11,16 @@ TRAINABLE_MODES = ("router", "router+experts", "full")
 def set_trainable(model: nn.Module, mode: str) -> list[str]:
     """Freeze everything outside `mode`; returns the trainable parameter names (state-dict order).
 
-    "router": DMU's router fine-tuning (experts frozen); "router+experts": the sparse-upcycling
-    baseline, whose identical experts only diverge if they train; "full": everything.
+    "router": DMU's router fine-tuning (experts frozen; a shared expert's fusion gate trains with the router);
+    "router+experts": the sparse-upcycling baseline, whose identical experts only diverge if they train (the
+    shared expert trains too); "full": everything.
     """
     if mode not in TRAINABLE_MODES:
         raise ValueError(f"unknown trainable mode {mode!r}; expected one of {TRAINABLE_MODES}")
     layer_names = [name for name, module in model.named_modules() if isinstance(module, MoEFFN)]
     if mode != "full" and not layer_names:
         raise ValueError(f"mode {mode!r} needs MoE layers; call upcycle() first")
-    parts = ("router",) if mode == "router" else ("router", "experts")
+    parts = ("router", "fusion") if mode == "router" else ("router", "fusion", "experts", "shared")
     prefixes = tuple(f"{layer}.{part}." for layer in layer_names for part in parts)
 
     trainable = []

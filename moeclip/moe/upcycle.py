@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from ..model.ffn import FFN_PARTS, TOWERS, select_blocks, tower_blocks, tower_prefix
+from .drop import drop_reinit
 from .layer import MoEFFN
+from .router import DEFAULT_ROUTER_INIT_STD
 
 DEFAULT_NUM_EXPERTS = 4
 
@@ -77,13 +79,18 @@ def _check_expert_sets(model: nn.Module, experts: list[dict[str, torch.Tensor]],
 
 def upcycle(model: nn.Module, experts: list[dict[str, torch.Tensor]] | None = None,
             num_experts: int | None = None, top_k: int = 2, layers: Sequence[int] | None = None,
-            towers: Sequence[str] = TOWERS, jitter: float = 0.0, router_init_std: float = 0.0) -> nn.Module:
+            towers: Sequence[str] = TOWERS, jitter: float = 0.0,
+            router_init_std: float = DEFAULT_ROUTER_INIT_STD, drop_ratio: float = 0.0,
+            shared_expert: bool = False) -> nn.Module:
     """Replace the FFN of the chosen blocks of each tower by an MoEFFN, in place; returns `model`.
 
     experts: FFN weight sets, expert i <- set i (set 0 is normally the base model's own FFNs);
         None = every expert a copy of the dense FFN.
     num_experts: defaults to len(experts), or 4 without weight sets; must agree with len(experts).
     layers: block indices shared by both towers (None = all, negatives count from the end).
+    drop_ratio: Drop-Upcycling (`moeclip.moe.drop`): re-draw this fraction of each expert's hidden units
+        after the experts are set (0 = plain copies / the given sets).
+    shared_expert: also keep the dense FFN as an always-on shared expert behind a learned per-token gate.
     """
     if experts is not None:
         if not experts:
@@ -106,7 +113,8 @@ def upcycle(model: nn.Module, experts: list[dict[str, torch.Tensor]] | None = No
 
     for tower, block in plan:
         blk = tower_blocks(model, tower)[block]
-        layer = MoEFFN.from_dense(blk.mlp, num_experts, top_k, jitter=jitter, router_init_std=router_init_std)
+        layer = MoEFFN.from_dense(blk.mlp, num_experts, top_k, jitter=jitter, router_init_std=router_init_std,
+                                  shared_expert=shared_expert)
         if experts is not None:
             prefix = f"{tower_prefix(model, tower)}.{block}.mlp."
             with torch.no_grad():
@@ -114,6 +122,8 @@ def upcycle(model: nn.Module, experts: list[dict[str, torch.Tensor]] | None = No
                     for name, param in layer.experts[e].named_parameters():
                         if prefix + name in weight_set:
                             param.copy_(weight_set[prefix + name])
+        if drop_ratio > 0:
+            drop_reinit(layer, drop_ratio)
         blk.mlp = layer
     if "text" in towers:
         _install_text_mask_hook(model)
@@ -137,14 +147,15 @@ def moe_config(model: nn.Module) -> dict[str, Any]:
     found = moe_layers(model)
     if not found:
         raise ValueError("the model has no MoE layers")
-    shapes = {(layer.num_experts, layer.top_k, layer.router.jitter) for _, _, layer in found}
+    shapes = {(layer.num_experts, layer.top_k, layer.router.jitter, layer.shared is not None) for _, _, layer in found}
     if len(shapes) > 1:
-        raise ValueError(f"MoE layers differ in (num_experts, top_k, jitter): {sorted(shapes)}")
-    num_experts, top_k, jitter = shapes.pop()
+        raise ValueError(f"MoE layers differ in (num_experts, top_k, jitter, shared expert): {sorted(shapes)}")
+    num_experts, top_k, jitter, shared = shapes.pop()
     return {
         "num_experts": num_experts,
         "top_k": top_k,
         "jitter": jitter,
+        **({"shared_expert": True} if shared else {}),  # absent = no shared expert (older model dirs too)
         "layers": {tower: [i for t, i, _ in found if t == tower] for tower in TOWERS},
     }
 
@@ -154,7 +165,8 @@ def build_moe(model: nn.Module, cfg: dict[str, Any]) -> nn.Module:
     for tower, blocks in cfg["layers"].items():
         if blocks:
             upcycle(model, num_experts=cfg["num_experts"], top_k=cfg["top_k"], layers=blocks,
-                    towers=(tower,), jitter=cfg.get("jitter", 0.0))
+                    towers=(tower,), jitter=cfg.get("jitter", 0.0), router_init_std=0.0,  # weights are loaded next
+                    shared_expert=cfg.get("shared_expert", False))
     return model
 
 

@@ -35,6 +35,9 @@ class DataConfig:
     # folder relative image paths start from, for train and val (None = each data file's own folder)
     image_root: str | None = None
     cache_mb: float = 1024  # transformed training images kept in memory per process (0 = decode every time)
+    # DataLoader workers of the evaluation passes (each training step has its own `train.num_workers`, which
+    # MCL's embedding pass also uses); batches are pinned on a GPU
+    workers: int = 0
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 

@@ -25,6 +25,7 @@ from moeclip.eval.evaluate import find_factors
 from moeclip.loader import load, save_model_dir
 from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
 from moeclip.moe import upcycle
+from moeclip.moe.router import DEFAULT_ROUTER_INIT_STD
 from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, load_base, open_train_data
 from moeclip.pipeline.evaluator import Evaluator
 from moeclip.analysis import analyse_experts, write_expert_report
@@ -43,7 +44,10 @@ class UpcycleConfig:
     top_k: int = 2
     layers: list[int] | None = None    # blocks that become MoE (None = all)
     jitter: float = 0.0
-    router_init_std: float = 0.0
+    router_init_std: float = DEFAULT_ROUTER_INIT_STD  # 0.0: the all-zero gate (tied top-k; moeclip.moe.router)
+    # keep the base FFN as an always-on shared expert behind a learned per-token gate (moeclip.moe.layer.MoEFFN),
+    # in every upcycled model of the run (DMU, its ablation, the upcycling baselines)
+    shared_expert: bool = False
 
 
 def _baseline_default() -> MoEFinetuneConfig:
@@ -59,6 +63,10 @@ class BaselinesConfig:
     # "router_ft": only as many as DMU's router fine-tuning
     budget: Literal["total", "router_ft"] = "total"
     dmu_router_experts: bool = True    # also report DMU with routers + experts trained (an ablation)
+    # Drop-Upcycling (moeclip.moe.drop): copies with drop_ratio of each expert's hidden units re-drawn, trained
+    # as the upcycle baseline (upcycle_finetune, same budget)
+    drop_upcycle: bool = False
+    drop_ratio: float = 0.5
 
 
 @dataclass
@@ -94,7 +102,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     read_skips = dict(train_ds.skips.counts)  # found when the data was opened, before any image is read
     factors = find_factors(cfg.data.train) if has_factor_columns(cfg.data.train) else None
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
-    evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root)
+    evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root,
+                      cfg.data.workers)
 
     mcl_dir = Path(cfg.mcl_dir) if cfg.mcl_dir else out / "mcl"
     experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, mcl_dir, runtime, cfg.seed, factor_columns)
@@ -103,9 +112,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     for s in range(1, len(experts)):
         evals(f"mcl_stage_{s}", lambda s=s: _stage_model(base, experts[s]))
 
-    ucfg = cfg.upcycle
-    dmu = upcycle(copy.deepcopy(base), experts, top_k=ucfg.top_k, layers=ucfg.layers, towers=cfg.mcl.towers,
-                  jitter=ucfg.jitter, router_init_std=ucfg.router_init_std)
+    dmu = _upcycled(base, experts, len(experts), cfg)
     model_dir = out / "model"
     ft = _finetune_once(dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, runtime,
                         cfg.seed, "DMU router FT", {"pipeline": "dmu", "config": to_dict(cfg)})
@@ -118,8 +125,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         budget = ft["samples"]
     baseline_info = {}
     if bl.dmu_router_experts:
-        dx = upcycle(copy.deepcopy(base), experts, top_k=ucfg.top_k, layers=ucfg.layers, towers=cfg.mcl.towers,
-                     jitter=ucfg.jitter, router_init_std=ucfg.router_init_std)
+        dx = _upcycled(base, experts, len(experts), cfg)
         xcfg = copy.deepcopy(cfg.router_ft)
         xcfg.mode = "router+experts"
         xcfg.train.lr = bl.upcycle_finetune.train.lr
@@ -128,16 +134,18 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
                        "DMU router+experts", {"pipeline": "dmu-router+experts"})
         del dx
         evals("dmu_router_experts", lambda: load(out / "ablations" / "dmu_router_experts" / "model")[0])
-    if bl.upcycle:
-        up = upcycle(copy.deepcopy(base), None, num_experts=len(experts), top_k=ucfg.top_k, layers=ucfg.layers,
-                     towers=cfg.mcl.towers, jitter=ucfg.jitter, router_init_std=ucfg.router_init_std)
+    copies = {"upcycle": 0.0} if bl.upcycle else {}
+    if bl.drop_upcycle:
+        copies["drop_upcycle"] = bl.drop_ratio
+    for name, drop_ratio in copies.items():  # copy-upcycling, and Drop-Upcycling: same training, same budget
+        up = _upcycled(base, None, len(experts), cfg, drop_ratio)
         bcfg = copy.deepcopy(bl.upcycle_finetune)
         bcfg.train.steps = max(1, budget // bcfg.train.global_batch)
-        baseline_info["upcycle"] = _finetune_once(up, train_ds, tokenizer, bcfg, out / "baselines" / "upcycle" / "train",
-                                                  out / "baselines" / "upcycle" / "model", runtime, cfg.seed,
-                                                  "upcycle baseline", {"pipeline": "upcycle-baseline"})
+        bdir = out / "baselines" / name
+        baseline_info[name] = _finetune_once(up, train_ds, tokenizer, bcfg, bdir / "train", bdir / "model", runtime,
+                                             cfg.seed, f"{name} baseline", {"pipeline": f"{name}-baseline"})
         del up
-        evals("upcycle", lambda: load(out / "baselines" / "upcycle" / "model")[0])
+        evals(name, lambda bdir=bdir: load(bdir / "model")[0])
     if bl.dense_ft:
         baseline_info["dense_ft"] = _dense_ft_once(base, train_ds, tokenizer, cfg, budget,
                                                    out / "baselines" / "dense_ft", runtime)
@@ -210,6 +218,18 @@ def _analyse(model: nn.Module, preprocess: Callable, tokenizer: Callable, cfg: D
                 if "groups" in layer else {}) for layer in result["layers"]]
     return {"expert_usage": usage, "expert_group_by": group,
             "expert_pictures": {k: str(p.relative_to(out)) for k, p in paths.items() if p.suffix == ".png"}}
+
+
+def _upcycled(base: nn.Module, experts: list[dict[str, torch.Tensor]] | None, num_experts: int,
+              cfg: DMUConfig, drop_ratio: float = 0.0) -> nn.Module:
+    """A copy of `base` upcycled; the routers' random init comes from `cfg.seed` alone (not from how much of
+    the global RNG earlier steps used), so a run resumed after MCL starts its routers where a fresh one does."""
+    u = cfg.upcycle
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return upcycle(copy.deepcopy(base), experts, num_experts=num_experts, top_k=u.top_k, layers=u.layers,
+                       towers=cfg.mcl.towers, jitter=u.jitter, router_init_std=u.router_init_std,
+                       drop_ratio=drop_ratio, shared_expert=u.shared_expert)
 
 
 def _stage_model(base: nn.Module, ffn: dict[str, torch.Tensor]) -> nn.Module:

@@ -22,9 +22,9 @@ class Evaluator:
     """Evaluates each named model once, sharded over every rank on its accelerator, and caches the metrics."""
 
     def __init__(self, root: Path, preprocess: Callable, tokenizer: Callable, val: str, batch_size: int,
-                 runtime: Runtime, image_root: str | None = None) -> None:
+                 runtime: Runtime, image_root: str | None = None, num_workers: int = 0) -> None:
         self.root, self.preprocess, self.tokenizer, self.runtime = root, preprocess, tokenizer, runtime
-        self.val, self.batch_size, self.image_root = val, batch_size, image_root
+        self.val, self.batch_size, self.image_root, self.num_workers = val, batch_size, image_root, num_workers
         self.results: dict[str, Any] = {}
 
     def __call__(self, name: str, make_model: Callable[[], nn.Module]) -> None:
@@ -32,7 +32,8 @@ class Evaluator:
         if not path.exists():  # every rank sees the same: files appear only behind the barrier below
             model = make_model()
             metrics = evaluate(model, self.preprocess, self.tokenizer, self.val, batch_size=self.batch_size,
-                               progress=False, runtime=self.runtime, image_root=self.image_root)
+                               progress=False, runtime=self.runtime, image_root=self.image_root,
+                               num_workers=self.num_workers)
             del model
             if self.runtime.is_main:
                 io.write_json(path, metrics)

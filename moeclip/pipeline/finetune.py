@@ -60,7 +60,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ConfigError(f"base={cfg.base}: a dense model; this recipe fine-tunes an MoE CLIP (make one with "
                           "recipes/dmu.py, moeclip.upcycle, or use a CLIP-MoE .pt release)")
     train_ds = open_train_data(cfg.data, preprocess)
-    evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root)
+    evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root,
+                      cfg.data.workers)
     evals("before", lambda: model)
 
     model_dir = out / "model"

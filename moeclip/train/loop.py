@@ -31,6 +31,7 @@ from moeclip.data.dataset import CaptionDataset, Collate, record_skips
 from moeclip.data.sampler import GroupBatchSampler
 from moeclip.moe import moe_layers
 from moeclip.runtime import Runtime
+from moeclip.train.batches import run_loader
 from moeclip.train.losses import clip_loss, gather_ids, gather_with_grad, positive_mask
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,9 @@ class TrainConfig:
     fixed_logit_scale: float | None = None  # None: the model's own (learned if trainable)
     ckpt_every: int = 200
     log_every: int = 10
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader workers (forked; the columnar rows are shared, not copied)
+    pin_memory: bool | None = None  # None: when training on a GPU
+    prefetch_factor: int | None = None  # batches each worker reads ahead (None: torch's default, 2)
     seed: int = 0
     stop_at: int | None = None  # leave after this step (checkpointed); re-launching continues the run
 
@@ -192,17 +195,15 @@ def train(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: T
 
     unwrapped = accelerator.unwrap_model(engine)
     engine.train()
-    spe = sampler.steps_per_epoch()
     collate = Collate(tokenizer)
     device = runtime.device
     image_dtype = next((p.dtype for p in unwrapped.visual.parameters() if p.is_floating_point()), torch.float32)
     step, t_start = state["step"], time.time() - state["seconds"]
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not accelerator.is_main_process,
                dynamic_ncols=True, leave=False)
-    batches = None
+    pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
+    batches = run_loader(dataset, sampler, step, cfg.steps, collate, cfg.num_workers, pin, cfg.prefetch_factor)
     while step < cfg.steps:
-        if batches is None or step % spe == 0:
-            batches = _epoch_loader(dataset, sampler, step // spe, step % spe, collate, cfg.num_workers)
         metrics: dict[str, float] = {}
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         for i, batch in enumerate(micro):
@@ -232,15 +233,6 @@ def train(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: T
     return {"history": state["history"], "steps": step, "seconds": round(time.time() - t_start, 2),
             "samples": step * cfg.global_batch, "skipped": dict(dataset.skips.counts),
             "backend": {k: v for k, v in state["run"].items() if k != "trainable"}}
-
-
-def _epoch_loader(dataset: CaptionDataset, sampler: GroupBatchSampler, epoch: int, start: int,
-                  collate: Collate, num_workers: int):
-    """This rank's micro-batches of one epoch from global step `start` on (resume skips, never re-reads)."""
-    micro = [mb for gb in sampler.global_batches(epoch)[start:] for mb in sampler.rank_micro_batches(gb)]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro, collate_fn=collate,
-                                         num_workers=num_workers, persistent_workers=False)
-    return iter(loader)
 
 
 def _micro_step(model: nn.Module, unwrapped: nn.Module, batch: dict, dataset: CaptionDataset, cfg: TrainConfig,

@@ -100,6 +100,7 @@ def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: 
 
 # settings that do not change what a stage computes (num_experts only decides how many stages run)
 _RESUME_IGNORES = {"num_experts", "embed_batch", "train.ckpt_every", "train.log_every", "train.num_workers",
+                   "train.pin_memory", "train.prefetch_factor",
                    "train.stop_at"}
 
 
@@ -153,7 +154,8 @@ def _cluster(base: nn.Module, prev_ffn: dict, dataset: CaptionDataset, tokenizer
     if not done:
         model = copy.deepcopy(base)
         load_ffn_state_dict(model, prev_ffn)
-        features = embed_corpus(model, dataset, tokenizer, sdir / "features", runtime, cfg.embed_batch)
+        features = embed_corpus(model, dataset, tokenizer, sdir / "features", runtime, cfg.embed_batch,
+                                num_workers=cfg.train.num_workers)
         del model
     if not done and runtime.is_main:
         img, txt, ok = features

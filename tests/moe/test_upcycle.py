@@ -91,3 +91,33 @@ def test_custom_text_clip_hook_uses_text_tower(tiny_clip, texts):
     model.encode_text(texts)
     text_layer = model.text.transformer.resblocks[0].mlp
     assert torch.equal(text_layer.last_mask, (texts != model.text.pad_id).reshape(-1))
+
+
+def _chosen_sets(model, images) -> set[tuple[int, ...]]:
+    with torch.no_grad():
+        model.encode_image(images)
+    return {tuple(sorted(row.tolist())) for tower, _, layer in moe_layers(model) if tower == "visual"
+            for row in layer.last_routing.experts}
+
+
+def test_zero_gate_ties_every_token_and_the_default_does_not(tiny_clip, images):
+    """The defect the default fixes: with an all-zero gate every token of every layer takes the same top-k
+    experts; the default small random gate spreads them from the first step."""
+    zero = upcycle(tiny_clip(), num_experts=4, top_k=2, router_init_std=0.0)
+    assert len(_chosen_sets(zero, images)) == 1
+    default = upcycle(tiny_clip(), num_experts=4, top_k=2)
+    std = torch.cat([layer.router.proj.weight.flatten() for _, _, layer in moe_layers(default)]).std()
+    assert 0.015 < float(std) < 0.025
+    assert len(_chosen_sets(default, images)) > 1
+
+
+def test_pipeline_router_init_depends_on_the_seed_only(tiny_clip):
+    """A run resumed after MCL (no RNG used by training) starts its routers where a fresh run did."""
+    from moeclip.pipeline.dmu import DMUConfig, _upcycled
+    base, cfg = tiny_clip(), DMUConfig()
+    a = _upcycled(base, None, 4, cfg)
+    torch.rand(1000)  # what an MCL stage's training would have drawn
+    b = _upcycled(base, None, 4, cfg)
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), n
+    assert torch.count_nonzero(moe_layers(a)[0][2].router.proj.weight) > 0

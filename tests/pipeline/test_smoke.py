@@ -45,7 +45,8 @@ def test_dmu_smoke_end_to_end(tmp_path):
     # an ablation reuses the run's stages (fewer experts, top-1) without re-training them
     abl = tmp_path / "abl"
     abl_cmd = [*cmd, f"output_dir={abl}", f"mcl_dir={out / 'mcl'}", "mcl.num_experts=2", "upcycle.top_k=1",
-               "baselines.upcycle=false", "baselines.dense_ft=false", "baselines.dmu_router_experts=false"]
+               "baselines.upcycle=false", "baselines.dense_ft=false", "baselines.dmu_router_experts=false",
+               "baselines.drop_upcycle=true"]
     # stop_at leaves after a checkpoint without passing the half-trained router off as finished
     stop = subprocess.run([*abl_cmd, "router_ft.train.stop_at=3"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -54,7 +55,8 @@ def test_dmu_smoke_end_to_end(tmp_path):
     ab = subprocess.run(abl_cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert ab.returncode == 0, ab.stderr[-3000:]
     rep = json.loads((abl / "report.json").read_text())
-    assert set(rep["models"]) == {"base", "mcl_stage_1", "dmu"} and not (abl / "mcl").exists()
+    assert set(rep["models"]) == {"base", "mcl_stage_1", "dmu", "drop_upcycle"} and not (abl / "mcl").exists()
+    assert rep["budgets"]["drop_upcycle_samples"] == rep["budgets"]["dmu_total_samples"]
     assert rep["models"]["mcl_stage_1"] == report["models"]["mcl_stage_1"]
     assert json.loads((abl / "model" / "config.json").read_text())["moe"]["top_k"] == 1
     # stages made with other settings are refused, naming the setting
