@@ -4,7 +4,8 @@
 # re-running skips what is done. Each full run takes ~17 min on 2 CPU cores; run one at a time (on this machine
 # two runs side by side go no faster than one after the other).
 #
-#   bash bench/dmu_study.sh [default|muted|ablations|variants|published|tables]...   (no argument: all)
+#   bash bench/dmu_study.sh [default|muted|ablations|constructions|adaptation|variants|published|tables]...   (no argument: all)
+#   SEEDS="0" bash bench/dmu_study.sh constructions    (only seed 0's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/dmu.py"
@@ -35,6 +36,29 @@ ablations() {  # DMU on the first 1 or 2 MCL stages (2 or 3 experts), and top-1 
   done
 }
 
+constructions() {  # issue #16's constructions on each default seed's own MCL stages (DMU's stages, reused):
+  # the zero-initialised router (the old default), a shared expert beside the routed ones, Drop-Upcycling
+  # (r = 0.5, trained like the upcycle baseline at the same budget), and cluster-specialist experts
+  for s in ${SEEDS:-0 1 2}; do
+    run=runs/dmu; [ "$s" = 0 ] || run=runs/dmu_s$s
+    [ -f $run/report.json ] || continue
+    $LAUNCH output_dir=runs/con/zero_router_s$s mcl_dir=$run/mcl upcycle.router_init_std=0.0 seed=$s $NO_BASELINES
+    $LAUNCH output_dir=runs/con/shared_s$s mcl_dir=$run/mcl upcycle.shared_expert=true seed=$s $NO_BASELINES
+    $LAUNCH output_dir=runs/con/drop_s$s mcl_dir=$run/mcl baselines.drop_upcycle=true seed=$s $NO_BASELINES
+    # cluster specialists train their own experts (one partition each, same steps as an MCL stage)
+    $LAUNCH output_dir=runs/con/specialists_s$s mcl.construction=specialists seed=$s $NO_BASELINES
+  done
+}
+
+adaptation() {  # a general CLIP adapted to a new domain: base-tiny (pre-trained on the default corpus) trained on
+  # the muted corpus, every model also evaluated on the default corpus's validation set (retention)
+  [ -f data/synth/val.csv ] || moeclip synth --out data/synth
+  for s in ${SEEDS:-0 1 2}; do
+    $LAUNCH output_dir=runs/adapt_s$s seed=$s data.train=data/synth_muted/train.csv data.val=data/synth_muted/val.csv \
+      data.synth.out=data/synth_muted data.synth.preset=muted data.also_val.old=data/synth/val.csv
+  done
+}
+
 variants() {  # MCL variants on seeds 0 and 1, DMU only (the baselines do not depend on these switches)
   for s in 0 1; do $LAUNCH output_dir=runs/var/start_prev_s$s mcl.start_from=previous seed=$s $NO_BASELINES; done
 }
@@ -51,8 +75,10 @@ tables() {
   for a in e2 e3 top1; do agg abl_$a runs/abl/${a}_s{0,1,2}/report.json; done
   agg published runs/dmu_published/report.json
   agg start_prev runs/var/start_prev_s0/report.json runs/var/start_prev_s1/report.json
+  for c in zero_router shared drop specialists; do agg con_$c runs/con/${c}_s{0,1,2}/report.json; done
+  agg adaptation runs/adapt_s{0,1,2}/report.json
 }
 
-for step in "${@:-default muted ablations variants published tables}"; do
+for step in "${@:-default muted ablations constructions adaptation variants published tables}"; do
   for s in $step; do "$s"; done
 done

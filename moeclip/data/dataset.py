@@ -155,6 +155,17 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def subset(self, indices: Sequence[int]) -> "CaptionDataset":
+        """The rows `indices` as a dataset of their own (ids renumbered); skips and the image cache are shared
+        with this one, so what a subset skips is counted here too."""
+        import copy
+        sub = copy.copy(self)
+        sub.rows = self.rows.take(np.asarray(indices, dtype=np.int64))
+        if not len(sub.rows):
+            raise DataError(f"{self.table}: an empty subset")
+        sub._index_rows()
+        return sub
+
     def set_cache(self, cache_mb: float) -> None:
         """DMU reads the same corpus in every stage and baseline: keep transformed images in memory (up to
         cache_mb; per process, so per DataLoader worker) instead of decoding them again each time."""

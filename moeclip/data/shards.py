@@ -20,7 +20,7 @@ import logging
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -221,6 +221,13 @@ class ShardDataset(CaptionDataset):
         if self.skips.counts:
             log.warning("%s: %s", self.table, self.skips.summary())
         self._index_rows()
+
+    def subset(self, indices: Sequence[int]) -> "ShardDataset":
+        """`CaptionDataset.subset`, with each kept row's image position carried along."""
+        sub = super().subset(indices)
+        idx = np.asarray(indices, dtype=np.int64)
+        sub._shard, sub._offset, sub._size = self._shard[idx], self._offset[idx], self._size[idx]
+        return sub
 
     def open_image(self, i: int) -> Image.Image:
         data = read_member(self.shards[self._shard[i]], int(self._offset[i]), int(self._size[i]))

@@ -38,6 +38,9 @@ class DataConfig:
     # DataLoader workers of the evaluation passes (each training step has its own `train.num_workers`, which
     # MCL's embedding pass also uses); batches are pinned on a GPU
     workers: int = 0
+    # more validation files every model is also evaluated on (name: path), e.g. `data.also_val.old=...` for the
+    # old domain after adapting to a new one (retention); reported per model beside the main validation set
+    also_val: dict[str, str] = field(default_factory=dict)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -71,6 +74,10 @@ def open_train_data(data: DataConfig, preprocess: Callable):
 def ensure_data(data: DataConfig, is_main: bool = True) -> None:
     """Write the synthetic corpus if the configured tables are absent and synth is enabled."""
     from moeclip.data.formats import data_exists
+    for name, path in data.also_val.items():
+        if not data_exists(path):
+            raise FileNotFoundError(f"data.also_val.{name} '{path}' not found; point it at an existing validation "
+                                    "file (e.g. the old domain's, written by its own run or `moeclip synth`)")
     if data_exists(data.train) and data_exists(data.val):
         return
     if not data.synth.enabled:

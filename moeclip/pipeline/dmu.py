@@ -19,7 +19,7 @@ from torch import nn
 
 from moeclip import io
 from moeclip.config import to_dict
-from moeclip.data.dataset import CaptionDataset
+from moeclip.data.dataset import CaptionDataset, Collate
 from moeclip.data.formats import data_format, has_factor_columns
 from moeclip.eval.evaluate import find_factors
 from moeclip.loader import load, save_model_dir
@@ -27,6 +27,7 @@ from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
 from moeclip.moe import upcycle
 from moeclip.moe.router import DEFAULT_ROUTER_INIT_STD
 from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, load_base, open_train_data
+from moeclip.pipeline.costs import model_costs
 from moeclip.pipeline.evaluator import Evaluator
 from moeclip.analysis import analyse_experts, write_expert_report
 from moeclip.pipeline.report import write_report
@@ -35,6 +36,7 @@ from moeclip.train.dist import DistributedConfig, make_runtime
 from moeclip.train.mcl_stages import MCLConfig, run_mcl
 from moeclip.train.loop import require_finished, train
 from moeclip.train.moe_finetune import MoEFinetuneConfig, finetune_moe
+from moeclip.train.specialists import init_routers_from_partitions
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     factors = find_factors(cfg.data.train) if has_factor_columns(cfg.data.train) else None
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
     evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root,
-                      cfg.data.workers)
+                      cfg.data.workers, cfg.data.also_val)
 
     mcl_dir = Path(cfg.mcl_dir) if cfg.mcl_dir else out / "mcl"
     experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, mcl_dir, runtime, cfg.seed, factor_columns)
@@ -112,7 +114,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     for s in range(1, len(experts)):
         evals(f"mcl_stage_{s}", lambda s=s: _stage_model(base, experts[s]))
 
-    dmu = _upcycled(base, experts, len(experts), cfg)
+    dmu = _seed_routers(_upcycled(base, experts, len(experts), cfg), cfg, mcl_dir, train_ds, tokenizer, runtime)
     model_dir = out / "model"
     ft = _finetune_once(dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, runtime,
                         cfg.seed, "DMU router FT", {"pipeline": "dmu", "config": to_dict(cfg)})
@@ -125,13 +127,14 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         budget = ft["samples"]
     baseline_info = {}
     if bl.dmu_router_experts:
-        dx = _upcycled(base, experts, len(experts), cfg)
+        dx = _seed_routers(_upcycled(base, experts, len(experts), cfg), cfg, mcl_dir, train_ds, tokenizer, runtime)
         xcfg = copy.deepcopy(cfg.router_ft)
         xcfg.mode = "router+experts"
         xcfg.train.lr = bl.upcycle_finetune.train.lr
-        _finetune_once(dx, train_ds, tokenizer, xcfg, out / "ablations" / "dmu_router_experts" / "train",
-                       out / "ablations" / "dmu_router_experts" / "model", runtime, cfg.seed,
-                       "DMU router+experts", {"pipeline": "dmu-router+experts"})
+        baseline_info["dmu_router_experts"] = _finetune_once(
+            dx, train_ds, tokenizer, xcfg, out / "ablations" / "dmu_router_experts" / "train",
+            out / "ablations" / "dmu_router_experts" / "model", runtime, cfg.seed, "DMU router+experts",
+            {"pipeline": "dmu-router+experts"})
         del dx
         evals("dmu_router_experts", lambda: load(out / "ablations" / "dmu_router_experts" / "model")[0])
     copies = {"upcycle": 0.0} if bl.upcycle else {}
@@ -156,6 +159,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         report = {
             "models": evals.results,
             "data": _data_summary(cfg.data.train, len(train_ds), read_skips, mcl_dir),
+            **({"also_val": evals.also_results} if evals.also_results else {}),
             "config": to_dict(cfg),
             "timings": _timings(out, mcl_dir, len(experts), started),
             "mcl": [io.read_json(mcl_dir / f"stage_{s}" / "stage.json")["clusters"]
@@ -168,6 +172,9 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
                         "baseline_budget_rule": bl.budget,
                         **{f"{k}_samples": v["samples"] for k, v in baseline_info.items()}},
         }
+        report["costs"] = model_costs(base, lambda r: _upcycled(base, None, len(experts), cfg, r), cfg,
+                                      len(experts) - 1, len(train_ds),
+                                      {"dmu": ft["samples"], **{k: v["samples"] for k, v in baseline_info.items()}})
         report.update(_analyse(load(model_dir)[0], preprocess, tokenizer, cfg, evals.results["base"], out, runtime))
         write_report(out, report)
     runtime.barrier()
@@ -230,6 +237,15 @@ def _upcycled(base: nn.Module, experts: list[dict[str, torch.Tensor]] | None, nu
         return upcycle(copy.deepcopy(base), experts, num_experts=num_experts, top_k=u.top_k, layers=u.layers,
                        towers=cfg.mcl.towers, jitter=u.jitter, router_init_std=u.router_init_std,
                        drop_ratio=drop_ratio, shared_expert=u.shared_expert)
+
+
+def _seed_routers(model: nn.Module, cfg: DMUConfig, mcl_dir: Path, ds: CaptionDataset, tokenizer: Callable,
+                  runtime: Runtime) -> nn.Module:
+    """Specialist experts: routers start from their partitions' centroids (c-BTM); DMU's keep their init."""
+    if cfg.mcl.construction == "specialists":
+        init_routers_from_partitions(model, ds, io.load_npy(mcl_dir / "stage_0" / "groups.npy"), Collate(tokenizer),
+                                     runtime, seed=cfg.seed)
+    return model
 
 
 def _stage_model(base: nn.Module, ffn: dict[str, torch.Tensor]) -> nn.Module:

@@ -19,25 +19,38 @@ log = logging.getLogger(__name__)
 
 
 class Evaluator:
-    """Evaluates each named model once, sharded over every rank on its accelerator, and caches the metrics."""
+    """Evaluates each named model once, sharded over every rank on its accelerator, and caches the metrics.
+
+    `also`: more validation files (name -> path) every model is evaluated on too, e.g. the old domain after
+    adapting a model to a new one (retention); their metrics land in `also_results[name]`.
+    """
 
     def __init__(self, root: Path, preprocess: Callable, tokenizer: Callable, val: str, batch_size: int,
-                 runtime: Runtime, image_root: str | None = None, num_workers: int = 0) -> None:
+                 runtime: Runtime, image_root: str | None = None, num_workers: int = 0,
+                 also: dict[str, str] | None = None) -> None:
         self.root, self.preprocess, self.tokenizer, self.runtime = root, preprocess, tokenizer, runtime
         self.val, self.batch_size, self.image_root, self.num_workers = val, batch_size, image_root, num_workers
+        self.sets = {"": val, **(also or {})}  # "" = the main validation set, cached at root/NAME.json
         self.results: dict[str, Any] = {}
+        self.also_results: dict[str, dict[str, Any]] = {k: {} for k in also or {}}
+
+    def _path(self, vset: str, name: str) -> Path:
+        return (self.root / vset if vset else self.root) / f"{name}.json"
 
     def __call__(self, name: str, make_model: Callable[[], nn.Module]) -> None:
-        path = self.root / f"{name}.json"
-        if not path.exists():  # every rank sees the same: files appear only behind the barrier below
+        todo = [v for v in self.sets if not self._path(v, name).exists()]  # every rank sees the same (barrier)
+        if todo:
             model = make_model()
-            metrics = evaluate(model, self.preprocess, self.tokenizer, self.val, batch_size=self.batch_size,
-                               progress=False, runtime=self.runtime, image_root=self.image_root,
-                               num_workers=self.num_workers)
+            for vset in todo:
+                metrics = evaluate(model, self.preprocess, self.tokenizer, self.sets[vset], batch_size=self.batch_size,
+                                   progress=False, runtime=self.runtime, image_root=self.image_root,
+                                   num_workers=self.num_workers)
+                if self.runtime.is_main:
+                    io.write_json(self._path(vset, name), metrics)
+                    log.info("%s%s: mean R@1 %.1f", name, f" on {vset}" if vset else "", 100 * metrics["mean_R@1"])
             del model
-            if self.runtime.is_main:
-                io.write_json(path, metrics)
-                log.info("%s: mean R@1 %.1f", name, 100 * metrics["mean_R@1"])
         self.runtime.barrier()
         if self.runtime.is_main:
-            self.results[name] = io.read_json(path)
+            self.results[name] = io.read_json(self._path("", name))
+            for vset in self.also_results:
+                self.also_results[vset][name] = io.read_json(self._path(vset, name))

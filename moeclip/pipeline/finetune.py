@@ -61,7 +61,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                           "recipes/dmu.py, moeclip.upcycle, or use a CLIP-MoE .pt release)")
     train_ds = open_train_data(cfg.data, preprocess)
     evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root,
-                      cfg.data.workers)
+                      cfg.data.workers, cfg.data.also_val)
     evals("before", lambda: model)
 
     model_dir = out / "model"

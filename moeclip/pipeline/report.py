@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moeclip import io
+from moeclip.pipeline.costs import costs_markdown
 
 RETRIEVAL = ["image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10",
              "text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "mean_R@1"]
@@ -62,6 +63,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{' / '.join(f'{x:.2f}' for x in u['top1'])} | {u['load_cv']:.3f} |{mi}")
         for name, path in report.get("expert_pictures", {}).items():
             lines.append(f"\n![{name}]({path})")
+    lines += costs_markdown(report)
     lines += ["", "## Budgets (training samples) and timings (seconds, when each step ran)", "",
               "| item | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in {**report.get("budgets", {}), **report.get("timings", {})}.items()]

@@ -51,6 +51,9 @@ class MCLConfig:
     accumulate: bool = True              # refine the previous stages' groups, or use this stage's alone
     project_out_previous: bool = False   # remove the previous stage's centroid directions before clustering
     start_from: Literal["base", "previous"] = "base"  # each stage restarts from the base FFNs, or continues
+    # "stages": DMU's sequential MCL stages; "specialists": one k-means partition of the base's features per
+    # expert, each trained on its own partition alone (moeclip.train.specialists; k_img/k_txt/group_size unused)
+    construction: Literal["stages", "specialists"] = "stages"
 
 
 def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: MCLConfig, out_dir: str | Path,
@@ -61,6 +64,11 @@ def run_mcl(base: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: 
     names = ffn_param_names(base, cfg.towers, cfg.blocks)
     experts = [ffn_state_dict(base, cfg.towers, cfg.blocks)]
     _check_same_settings(out, cfg, seed, experts[0], len(dataset), runtime, base)
+    if cfg.construction == "specialists":
+        from moeclip.train.specialists import run_specialists
+        return run_specialists(base, dataset, tokenizer, cfg, out, runtime, seed, factor_columns, _cluster)
+    if cfg.construction != "stages":
+        raise ConfigError(f"mcl.construction must be 'stages' or 'specialists', got {cfg.construction!r}")
     previous_groups = None
     for s in range(1, cfg.num_experts):
         sdir = out / f"stage_{s}"
@@ -109,6 +117,8 @@ def _check_same_settings(out: Path, cfg: MCLConfig, seed: int, base_ffn: dict, s
     """Resume only stages the same settings made: otherwise a re-run with a changed config would silently
     mix stale experts into the new model. More or fewer stages (num_experts) may reuse the same directory."""
     flat = {f"config.{k}": v for k, v in _flatten(asdict(cfg)).items() if k not in _RESUME_IGNORES}
+    if flat.get("config.construction") == "stages":
+        del flat["config.construction"]  # the default, recorded only when not: older runs' stages still resume
     want = io.json_roundtrip({"seed": seed, "samples": samples, "base_ffn": ffn_digest(base_ffn), **flat,
                               **_stretch_setting(base)})
     path = out / "settings.json"

@@ -63,6 +63,16 @@ def test_cluster_batches_read_by_position(both):
             assert np.array_equal(a[int(i)]["image"], b[int(i)]["image"])
 
 
+def test_subset_reads_its_own_rows(both):
+    """A partition (cluster specialists) is a subset: its row j must read the image of the row it was."""
+    csv, wds = both
+    idx = [37, 3, 20, 16]
+    a, b = open_dataset(csv["train"]).subset(idx), open_dataset(wds["train"]).subset(idx)
+    assert b.captions == a.captions and len(b) == 4
+    for j in range(4):
+        assert np.array_equal(np.asarray(a[j]["image"]), np.asarray(b[j]["image"]))
+
+
 def test_bad_members_are_counted(tmp_path):
     png = _png()
     shard = _write(tmp_path / "bad-000000.tar", [

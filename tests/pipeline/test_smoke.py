@@ -29,6 +29,11 @@ def test_dmu_smoke_end_to_end(tmp_path):
         assert {"image_to_text_R@1", "text_to_image_R@10", "factors"} <= set(m)
     b = report["budgets"]
     assert b["upcycle_samples"] == b["dense_ft_samples"] == b["dmu_total_samples"] == 3 * 6 * 32
+    costs = report["costs"]  # every model charged; top-2 MoE inference costs more than the dense base
+    assert set(costs) == set(report["models"]) and costs["base"]["train_flops"] == 0
+    assert costs["dmu"]["image_flops"] > costs["base"]["image_flops"] == costs["dense_ft"]["image_flops"]
+    assert costs["dmu"]["train_samples"] == costs["upcycle"]["train_samples"] == b["dmu_total_samples"]
+    assert costs["dmu_router_experts"]["train_flops"] > costs["dmu"]["train_flops"] > 0
     assert (out / "report.md").read_text().startswith("# DMU report")
     # the saved model reproduces the report's DMU numbers through the CLI
     ev = subprocess.run([str(Path(sys.executable).parent / "moeclip"), "eval", "--model", str(out / "model"),
@@ -46,7 +51,7 @@ def test_dmu_smoke_end_to_end(tmp_path):
     abl = tmp_path / "abl"
     abl_cmd = [*cmd, f"output_dir={abl}", f"mcl_dir={out / 'mcl'}", "mcl.num_experts=2", "upcycle.top_k=1",
                "baselines.upcycle=false", "baselines.dense_ft=false", "baselines.dmu_router_experts=false",
-               "baselines.drop_upcycle=true"]
+               "baselines.drop_upcycle=true", f"data.also_val.again={data}/val.csv"]
     # stop_at leaves after a checkpoint without passing the half-trained router off as finished
     stop = subprocess.run([*abl_cmd, "router_ft.train.stop_at=3"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -57,6 +62,8 @@ def test_dmu_smoke_end_to_end(tmp_path):
     rep = json.loads((abl / "report.json").read_text())
     assert set(rep["models"]) == {"base", "mcl_stage_1", "dmu", "drop_upcycle"} and not (abl / "mcl").exists()
     assert rep["budgets"]["drop_upcycle_samples"] == rep["budgets"]["dmu_total_samples"]
+    assert set(rep["also_val"]["again"]) == set(rep["models"])  # every model also on the second set
+    assert rep["also_val"]["again"]["dmu"]["mean_R@1"] == rep["models"]["dmu"]["mean_R@1"]
     assert rep["models"]["mcl_stage_1"] == report["models"]["mcl_stage_1"]
     assert json.loads((abl / "model" / "config.json").read_text())["moe"]["top_k"] == 1
     # stages made with other settings are refused, naming the setting
