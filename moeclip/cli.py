@@ -13,7 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def cmd_synth(args: argparse.Namespace) -> None:
     from moeclip.data.synth import PRESETS, SynthSpec, write_corpus
     paths = write_corpus(args.out, SynthSpec(train=args.train, val=args.val, seed=args.seed, preset=args.preset,
-                                             image_size=args.image_size))
+                                             image_size=args.image_size), format=args.format,
+                         shard_size=args.shard_size)
     print(f"wrote {paths['train']} ({args.train} rows) and {paths['val']} ({args.val} rows); "
           f"factors in {Path(args.out) / 'factors.json'}")
 
@@ -62,20 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Multiplet Upcycling. The training pipeline is `accelerate launch recipes/dmu.py`.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("synth", help="write the synthetic image-caption corpus (PNG + train.csv/val.csv)")
+    s = sub.add_parser("synth", help="write the synthetic image-caption corpus (PNG + train.csv/val.csv, or "
+                       "webdataset shards)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--train", type=int, default=20000, help="training rows (default 20000)")
     s.add_argument("--val", type=int, default=2000, help="validation rows (default 2000)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--preset", default="default", help="factor salience preset: default or muted")
     s.add_argument("--image-size", type=int, default=32)
+    s.add_argument("--format", default="csv", choices=["csv", "wds"], help="csv: PNG files + train.csv/val.csv; "
+                   "wds: webdataset shards train-NNNNNN.tar / val-NNNNNN.tar (png + txt + json of the factors)")
+    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard (--format wds; default 1000)")
     s.set_defaults(func=cmd_synth)
 
     e = sub.add_parser("eval", help="retrieval R@1/5/10, zero-shot accuracy and per-factor probe on a CSV/TSV")
     e.add_argument("--model", required=True, help="moeclip model directory, or open_clip 'ARCH:TAG'")
     e.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file (with an ARCH)")
     e.add_argument("--data", required=True, help="CSV/TSV with filepath,title columns, a COCO/Flickr "
-                   "Karpathy-split caption .json, or a ShareGPT4V caption .json")
+                   "Karpathy-split caption .json, a ShareGPT4V caption .json, or webdataset shards "
+                   "('dir/{000000..000009}.tar')")
     e.add_argument("--split", default="test", help="Karpathy split to evaluate (.json data; default test)")
     e.add_argument("--image-root", default=None, help="folder the data's relative image paths start from "
                    "(default: the data file's folder)")

@@ -12,7 +12,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -191,6 +191,10 @@ class CaptionDataset(torch.utils.data.Dataset):
         line = self.rows.column("_line")[i] if "_line" in self.rows.names else str(i)
         return f"{self.table}:{line}"
 
+    def open_image(self, i: int) -> Image.Image:
+        """Row i's image decoded; a subclass that keeps images elsewhere (shards) reads them here."""
+        return load_image(self.rows.column("_path")[i])
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         path, caption = self.rows.column("_path")[i], self.rows.column("_caption")[i]
         item = {"index": i, "caption": caption, "ok": True}
@@ -199,7 +203,7 @@ class CaptionDataset(torch.utils.data.Dataset):
             item["image"] = cached
             return item
         try:
-            img = load_image(path)
+            img = self.open_image(i)
         except Exception as e:  # any unreadable image is a skip, never a crash
             item.update(ok=False, reason=_reason(e), where=f"{self.where(i)} ({path})")
             return item
@@ -211,7 +215,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         return item
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path | BinaryIO) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:

@@ -9,8 +9,12 @@ can be checked on more than one ordering. docs/corpus.md describes the factors.
 from __future__ import annotations
 
 import csv
+import io
+import itertools
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -117,38 +121,77 @@ def caption(values: dict[str, str]) -> str:
     return TEMPLATE.format(**values)
 
 
-def write_corpus(out: str | Path, spec: SynthSpec) -> dict[str, Path]:
-    """Write images/{split}/*.png, {split}.csv and factors.json; return the CSV paths.
+def write_corpus(out: str | Path, spec: SynthSpec, format: str = "csv", shard_size: int = 1000) -> dict[str, Path]:
+    """Write the corpus and factors.json; return each split's data path (a CSV, or a shard pattern).
 
+    format "csv": images/{split}/*.png and {split}.csv. format "wds": webdataset shards
+    {split}-NNNNNN.tar of `shard_size` samples, each a png, a txt caption and a json of the factor columns:
+    the same images (same PNG bytes), captions and columns in the same order as the CSV.
     Deterministic by (seed, split); an existing complete split is kept, so re-running is cheap.
     """
     out = Path(out)
     if spec.preset not in PRESETS:
         raise ValueError(f"unknown preset {spec.preset!r}; choose one of {sorted(PRESETS)}")
+    if format not in ("csv", "wds"):
+        raise ValueError(f"unknown synth format {format!r}; choose csv or wds")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     sal = spec.salience or PRESETS[spec.preset]
     meta = {"factors": FACTORS, "template": TEMPLATE, "preset": spec.preset, "salience": asdict(sal),
             "seed": spec.seed, "image_size": spec.image_size, "sizes": {"train": spec.train, "val": spec.val}}
     paths = {}
     for split_id, (split, n) in enumerate((("train", spec.train), ("val", spec.val))):
-        csv_path = out / f"{split}.csv"
-        paths[split] = csv_path
-        if csv_path.exists() and _count_rows(csv_path) == n and (out / "factors.json").exists():
+        if format == "wds":
+            shards = [out / f"{split}-{s:06d}.tar" for s in range(max(-(-n // shard_size), 1))]
+            paths[split] = out / f"{split}-{{000000..{len(shards) - 1:06d}}}.tar"
+            done = all(p.exists() for p in shards)
+        else:
+            paths[split] = out / f"{split}.csv"
+            done = paths[split].exists() and _count_rows(paths[split]) == n
+        if done and (out / "factors.json").exists():
             continue
-        rng = np.random.default_rng([spec.seed, split_id])
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        rows = []
-        for i in tqdm(range(n), desc=f"synth {split}", unit="img", leave=False):
-            values = {k: v[rng.integers(len(v))] for k, v in FACTORS.items()}
-            img = render(values, sal, spec.image_size, rng)
-            rel = f"images/{split}/{i:06d}.png"
-            Image.fromarray((img * 255).round().astype(np.uint8)).save(out / rel)
-            rows.append({"filepath": rel, "title": caption(values), **values})
-        with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["filepath", "title", *FACTORS])
-            writer.writeheader()
-            writer.writerows(rows)
+        samples = _samples(split, split_id, n, spec, sal)
+        if format == "wds":
+            _write_shards(shards, samples, shard_size)
+        else:
+            _write_csv(out, paths[split], split, samples)
     write_json(out / "factors.json", meta)
     return paths
+
+
+def _samples(split: str, split_id: int, n: int, spec: SynthSpec, sal: Salience) -> Iterator[tuple[dict, bytes]]:
+    """(factor values, PNG bytes) of each sample in order; both formats write exactly these."""
+    rng = np.random.default_rng([spec.seed, split_id])
+    for _ in tqdm(range(n), desc=f"synth {split}", unit="img", leave=False):
+        values = {k: v[rng.integers(len(v))] for k, v in FACTORS.items()}
+        img = render(values, sal, spec.image_size, rng)
+        buf = io.BytesIO()
+        Image.fromarray((img * 255).round().astype(np.uint8)).save(buf, format="PNG")
+        yield values, buf.getvalue()
+
+
+def _write_csv(out: Path, csv_path: Path, split: str, samples: Iterator[tuple[dict, bytes]]) -> None:
+    (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (values, png) in enumerate(samples):
+        rel = f"images/{split}/{i:06d}.png"
+        (out / rel).write_bytes(png)
+        rows.append({"filepath": rel, "title": caption(values), **values})
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["filepath", "title", *FACTORS])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_shards(shards: list[Path], samples: Iterator[tuple[dict, bytes]], shard_size: int) -> None:
+    """Each shard written under a temp name and renamed when whole (a killed run never leaves half a shard)."""
+    from webdataset import TarWriter
+    it = enumerate(samples)
+    for shard in shards:
+        with atomic_path(shard) as tmp, TarWriter(str(tmp), mtime=0) as tar:  # int mtime: same bytes, no pax headers
+            for i, (values, png) in itertools.islice(it, shard_size):
+                tar.write({"__key__": f"{i:06d}", "png": png, "txt": caption(values).encode(),
+                           "json": json.dumps(values).encode()})
 
 
 def _count_rows(path: Path) -> int:

@@ -13,7 +13,7 @@ from torch import nn
 
 from moeclip import io
 from moeclip.data.dataset import DataError
-from moeclip.data.formats import data_format, open_dataset
+from moeclip.data.formats import has_factor_columns, open_dataset
 from moeclip.eval.probe import factor_probe
 from moeclip.eval.retrieval import DEFAULT_PROTOCOL, check_protocol, protocol_pairs, retrieval_metrics
 from moeclip.eval.zeroshot import DEFAULT_TEMPLATES, zero_shot
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def find_factors(table: str | Path) -> dict[str, Any] | None:
-    """A synthetic corpus describes its factors in factors.json beside its CSVs."""
+    """A synthetic corpus describes its factors in factors.json beside its CSVs (or shards)."""
     path = Path(table).parent / "factors.json"
     return io.read_json(path) if path.exists() else None
 
@@ -84,7 +84,7 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, table:
         metrics["zeroshot"] = zero_shot(model, tokenizer, image_features,
                                         [r[class_column] for r in rows_of_image], templates, rt, classnames,
                                         where=f"{table} column '{class_column}'")
-    if factors is None and data_format(table) == "table":
+    if factors is None and has_factor_columns(table):
         factors = find_factors(table)
     if factors:
         missing = [f for f in factors["factors"] if f not in ds.rows[0]]

@@ -177,9 +177,10 @@ def evaluate_zeroshot(model: nn.Module, preprocess: Callable, tokenizer: Callabl
     rt = runtime or Runtime.local()
     model = model.to(rt.device).eval()
     from moeclip.data.formats import data_format
-    if Path(table).exists() and data_format(table) != "table":
+    if data_format(table) == "shards" or (Path(table).exists() and data_format(table) != "table"):
         raise DataError(f"{table}: zero-shot classification reads a CSV/TSV with 'filepath' and a class column, "
-                        f"not a {data_format(table)} caption file")
+                        f"not a {data_format(table)} caption file (with captions, `--task all --class-column` "
+                        "classifies too)")
     try:
         ds = CaptionDataset(table, preprocess, caption_key=class_column, image_root=image_root)
     except DataError as e:

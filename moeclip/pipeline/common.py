@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 from pathlib import Path
 
 from torch import nn
@@ -22,11 +22,14 @@ class SynthConfig:
     val: int = 2000
     seed: int = 0
     preset: str = "default"
+    format: Literal["csv", "wds"] = "csv"  # csv: PNG files + train.csv/val.csv; wds: webdataset shards (train-NNNNNN.tar ...)
+    shard_size: int = 1000   # samples per shard (format wds)
 
 
 @dataclass
 class DataConfig:
-    """train/val: CSV/TSV tables, ShareGPT4V caption JSON, or (val) Karpathy-split JSON."""
+    """train/val: CSV/TSV tables, ShareGPT4V caption JSON, webdataset shards ('dir/{000000..000099}.tar'), or
+    (val) Karpathy-split JSON."""
     train: str = "data/synth/train.csv"
     val: str = "data/synth/val.csv"
     # folder relative image paths start from, for train and val (None = each data file's own folder)
@@ -70,19 +73,22 @@ def open_train_data(data: DataConfig, preprocess: Callable):
 
 def ensure_data(data: DataConfig, is_main: bool = True) -> None:
     """Write the synthetic corpus if the configured tables are absent and synth is enabled."""
+    from moeclip.data.formats import data_exists
     for name, path in data.also_val.items():
-        if not Path(path).exists():
+        if not data_exists(path):
             raise FileNotFoundError(f"data.also_val.{name} '{path}' not found; point it at an existing validation "
                                     "file (e.g. the old domain's, written by its own run or `moeclip synth`)")
-    if Path(data.train).exists() and Path(data.val).exists():
+    if data_exists(data.train) and data_exists(data.val):
         return
     if not data.synth.enabled:
         raise FileNotFoundError(f"data.train '{data.train}' or data.val '{data.val}' not found; point them at your "
-                                "CSV/TSV tables or set data.synth.enabled=true to generate the synthetic corpus")
+                                "CSV/TSV tables or shards, or set data.synth.enabled=true to generate the synthetic "
+                                "corpus")
     if is_main:
         log.info("writing synthetic corpus to %s", data.synth.out)
         paths = write_corpus(data.synth.out, SynthSpec(train=data.synth.train, val=data.synth.val,
-                                                       seed=data.synth.seed, preset=data.synth.preset))
+                                                       seed=data.synth.seed, preset=data.synth.preset),
+                             format=data.synth.format, shard_size=data.synth.shard_size)
         if Path(data.train) != paths["train"] or Path(data.val) != paths["val"]:
             raise FileNotFoundError(f"synthetic corpus written to {data.synth.out}, but data.train/data.val point to "
                                     f"'{data.train}' / '{data.val}'; make them agree")

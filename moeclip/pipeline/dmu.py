@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -19,7 +20,7 @@ from torch import nn
 from moeclip import io
 from moeclip.config import to_dict
 from moeclip.data.dataset import CaptionDataset, Collate
-from moeclip.data.formats import data_format
+from moeclip.data.formats import data_format, has_factor_columns
 from moeclip.eval.evaluate import find_factors
 from moeclip.loader import load, save_model_dir
 from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
@@ -108,7 +109,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     base, preprocess, tokenizer = load_base(cfg.base, cfg.model)  # stretched once, here: every step sees it
     train_ds = open_train_data(cfg.data, preprocess)
-    factors = find_factors(cfg.data.train) if data_format(cfg.data.train) == "table" else None
+    read_skips = dict(train_ds.skips.counts)  # found when the data was opened, before any image is read
+    factors = find_factors(cfg.data.train) if has_factor_columns(cfg.data.train) else None
     factor_columns = ({f: train_ds.column(f) for f in factors["factors"]} if factors else None)
     evals = Evaluator(out / "evals", preprocess, tokenizer, cfg.data.val, cfg.eval_batch, runtime, cfg.data.image_root,
                       cfg.data.workers, cfg.data.also_val, cfg.eval_protocol,
@@ -166,6 +168,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         steps = _step_records(out, mcl_dir, len(experts))
         report = {
             "models": evals.results,
+            "data": _data_summary(cfg.data.train, len(train_ds), read_skips, mcl_dir),
             **({"also_val": evals.also_results} if evals.also_results else {}),
             "protocol": cfg.eval_protocol,
             "config": to_dict(cfg),
@@ -194,6 +197,17 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     return report
 
 
+def _data_summary(train: str, rows: int, read_skips: dict[str, int], mcl_dir: Path) -> dict[str, Any]:
+    """The training data and every sample it lost: those skipped when it was opened (no caption, no image member,
+    ...) plus the images the first embedding pass could not decode (each unique image is read there once; its
+    counts are committed with its progress, so a resumed run reports the same)."""
+    skipped = Counter(read_skips)
+    progress = mcl_dir / "stage_1" / "features" / "progress.json"
+    if progress.exists():
+        skipped.update(io.read_json(progress).get("skipped", {}))
+    return {"train": str(train), "format": data_format(train), "rows": rows, "skipped": dict(sorted(skipped.items()))}
+
+
 def _step_records(out: Path, mcl_dir: Path, num_experts: int) -> dict[str, dict[str, Any]]:
     """{step: {seconds, history}} of every training step that ran, read from the files that mark it done (so a
     resumed run reports the real durations and the whole loss history)."""
@@ -204,6 +218,7 @@ def _step_records(out: Path, mcl_dir: Path, num_experts: int) -> dict[str, dict[
         t[f"mcl_stage_{s}_train"] = {"seconds": stage["seconds"]["train"], "history": stage["train"]["history"]}
     for name, cfg_path in (("router_ft", out / "model"), ("dmu_router_experts", out / "ablations" / "dmu_router_experts"
                            / "model"), ("upcycle", out / "baselines" / "upcycle" / "model"),
+                           ("drop_upcycle", out / "baselines" / "drop_upcycle" / "model"),
                            ("dense_ft", out / "baselines" / "dense_ft" / "model")):
         if (cfg_path / "config.json").exists():
             ft = io.read_json(cfg_path / "config.json").get("finetune", {})

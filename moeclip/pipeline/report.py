@@ -29,6 +29,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, m in models.items():
         cells = [name, *[_pct(m.get(k)) for k in RETRIEVAL], *[_pct(m.get("factors", {}).get(f)) for f in factor_names]]
         lines.append("| " + " | ".join(cells) + " |")
+    data = report.get("data")
+    if data:
+        lost = ", ".join(f"{n} {r}" for r, n in data["skipped"].items()) or "none"
+        lines += ["", f"Training data: `{data['train']}` ({data['format']}), {data['rows']} rows; samples skipped: "
+                  f"{lost}."]
     lines += ["", "## Where DMU stands", ""] + verdict(models)
     lines += ["", "## MCL stages", "", "| stage | joint clusters | accumulated groups | groups after merging "
               "(merges) | largest / smallest group | image clusters follow (NMI) | text clusters follow (NMI) |",

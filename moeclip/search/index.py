@@ -28,7 +28,8 @@ from torch import nn
 from tqdm import tqdm
 
 from moeclip import io
-from moeclip.data.dataset import _reason, load_image
+from moeclip.data.dataset import _reason
+from moeclip.data.shards import load_keyed_image
 from moeclip.search.sources import list_images
 
 
@@ -49,7 +50,7 @@ class _ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
-            return {"index": i, "image": self.transform(load_image(self.paths[i]))}
+            return {"index": i, "image": self.transform(load_keyed_image(self.paths[i]))}
         except Exception as e:  # any unreadable image is a skip
             return {"index": i, "reason": _reason(e)}
 

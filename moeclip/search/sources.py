@@ -1,5 +1,6 @@
-"""Which images an index covers: every image file under a folder, the `filepath` column of a table, or the
-images of a caption JSON (ShareGPT4V, Karpathy).
+"""Which images an index covers: every image file under a folder, the `filepath` column of a table, the
+images of a caption JSON (ShareGPT4V, Karpathy), or the image members of webdataset shards (as
+`shard.tar#member` keys, read by `moeclip.data.shards.load_keyed_image`).
 
 The list is fixed when an index starts (saved as `sources.json`), so a resumed run walks exactly the
 same files in the same order even if the folder changed meanwhile.
@@ -28,10 +29,10 @@ def list_images(source: str | Path, img_key: str = "filepath", image_root: str |
         if not found:
             raise DataError(f"{source}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
         return sorted(found)
-    if not source.exists():
+    from moeclip.data.formats import data_format, open_dataset
+    if not source.exists() and data_format(source) != "shards":
         raise DataError(f"{source}: no such folder or table; pass a folder of images or a CSV with a "
                         f"'{img_key}' column")
-    from moeclip.data.formats import data_format, open_dataset
     if data_format(source) != "table":  # every split of a Karpathy file: an index covers all its images
         paths = open_dataset(source, split="all", image_root=image_root).paths
         return list(dict.fromkeys(str(Path(p).absolute()) for p in paths))

@@ -68,3 +68,12 @@ def test_cli(moe_dir, corpus, tmp_path, capsys):
     assert main(["experts", "--model", str(moe_dir), "--data", str(corpus["val"]), "--group-by", "nope",
                  "--out", str(tmp_path / "y")]) == 2
     assert "moeclip experts: error:" in capsys.readouterr().err
+
+
+def test_experts_on_shards_equal_the_csv(moe, corpus, tmp_path):
+    from moeclip.data.synth import SynthSpec, write_corpus
+    wds = write_corpus(tmp_path / "wds", SynthSpec(train=1, val=64, seed=3), format="wds", shard_size=25)
+    model, preprocess, tokenizer = moe
+    a, b = (analyse_experts(model, preprocess, tokenizer, data, group_by="colour", max_rows=40, batch_size=16,
+                            progress=False, null_permutations=3) for data in (corpus["val"], wds["val"]))
+    assert a["layers"] == b["layers"] and a["groups"] == b["groups"]

@@ -32,3 +32,14 @@ def test_presets_differ(tmp_path):
     write_corpus(tmp_path / "d", SynthSpec(train=10, val=2, seed=1, preset="default"))
     write_corpus(tmp_path / "m", SynthSpec(train=10, val=2, seed=1, preset="muted"))
     assert _digest(tmp_path / "d") != _digest(tmp_path / "m")
+
+
+def test_shards_deterministic_and_kept(tmp_path):
+    """`--format wds`: same seed, same bytes (a fixed mtime); a complete split is not written again."""
+    a = write_corpus(tmp_path / "a", SynthSpec(train=20, val=5, seed=7), format="wds", shard_size=8)
+    write_corpus(tmp_path / "b", SynthSpec(train=20, val=5, seed=7), format="wds", shard_size=8)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert str(a["train"]).endswith("train-{000000..000002}.tar") and str(a["val"]).endswith("val-{000000..000000}.tar")
+    first = (tmp_path / "a" / "train-000001.tar").stat().st_mtime_ns
+    write_corpus(tmp_path / "a", SynthSpec(train=20, val=5, seed=7), format="wds", shard_size=8)
+    assert (tmp_path / "a" / "train-000001.tar").stat().st_mtime_ns == first

@@ -113,3 +113,19 @@ def test_model_reference_of_a_checkpoint_file_is_absolute(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     assert model_reference("clip-moe.pt") == str(tmp_path.resolve() / "clip-moe.pt")
     assert model_reference("ViT-B-32:openai") == "ViT-B-32:openai"
+
+
+def test_index_of_shards_equals_the_index_of_the_same_files(micro, micro_dir, tmp_path):
+    """`moeclip index 'val-{...}.tar'`: one row per image member, keyed `shard.tar#member`, embedded exactly
+    like the same PNG files listed by the CSV."""
+    from moeclip.data.synth import SynthSpec, write_corpus
+    spec = SynthSpec(train=1, val=12, seed=2)
+    csv = write_corpus(tmp_path / "csv", spec)["val"]
+    wds = write_corpus(tmp_path / "wds", spec, format="wds", shard_size=5)["val"]
+    a, b = (_build(micro, micro_dir, src, tmp_path / name, batch_size=4) for name, src in (("a", csv), ("b", wds)))
+    assert a["count"] == b["count"] == 12 and b["complete"] and not b["skipped"]
+    emb_a, _, _, _ = _snapshot(tmp_path / "a")
+    emb_b, manifest, _, _ = _snapshot(tmp_path / "b")
+    assert np.array_equal(emb_a, emb_b)
+    first = json.loads(manifest.decode().splitlines()[7])
+    assert first == str((tmp_path / "wds" / "val-000001.tar").absolute()) + "#000007.png"
