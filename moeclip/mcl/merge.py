@@ -23,7 +23,7 @@ is left. Rules, in this order:
   recipe's stage 1, k = N / 256 with min size 1,024 - one pass gathers dozens of groups into one).
 
 This equals the one-at-a-time merge whenever no small group's nearest neighbour changes because of an
-earlier merge of the same pass (true on the tests' inputs; `tests/mcl/test_merge.py` checks it against
+earlier merge of the same pass (true on the tests' inputs; `tests/mcl/test_group_merge.py` checks it against
 `one_at_a_time`); in general the two can differ where the old order would have moved a centroid first
 (on 20,000 synthetic pairs at k = 78, stage 2, one at a time ends with one group, the passes with six).
 """
@@ -132,7 +132,7 @@ def _nearest(sums: np.ndarray, counts: np.ndarray, query: np.ndarray, cand: np.n
     """For each query group, the candidate group (ids ascending) with the nearest centroid, itself excluded;
     ties to the lowest id (argmin takes the first). Squared distances up to a per-query constant,
     |c|^2 - 2 q.c, in float64 on centroids centred on the candidates' mean. (float32 would halve the matmul
-    but flipped a merge of tests/mcl/test_merge.py's planted input, whose centroids lie ~350 apart and
+    but flipped a merge of tests/mcl/test_group_merge.py's planted input, whose centroids lie ~350 apart and
     ~0.5 from their neighbours.)"""
     cents = sums[cand] / counts[cand, None]
     mu = cents.mean(0)
