@@ -123,11 +123,12 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     for s in range(1, len(experts)):
         evals(f"mcl_stage_{s}", lambda s=s: _stage_model(base, experts[s]))
 
-    dmu = _seed_routers(_upcycled(base, experts, len(experts), cfg), cfg, mcl_dir, train_ds, tokenizer, runtime)
+    def make_dmu() -> nn.Module:
+        return _seed_routers(_upcycled(base, experts, len(experts), cfg), cfg, mcl_dir, train_ds, tokenizer, runtime)
+
     model_dir = out / "model"
-    ft = _finetune_once(dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, runtime,
+    ft = _finetune_once(make_dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, runtime,
                         cfg.seed, "DMU router FT", {"pipeline": "dmu", "config": to_dict(cfg)})
-    del dmu  # each trained model is saved; holding it while the next trains doubled the peak memory
     evals("dmu", lambda: load(model_dir)[0])
 
     bl = cfg.baselines
@@ -136,27 +137,24 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         budget = ft["samples"]
     baseline_info = {}
     if bl.dmu_router_experts:
-        dx = _seed_routers(_upcycled(base, experts, len(experts), cfg), cfg, mcl_dir, train_ds, tokenizer, runtime)
         xcfg = copy.deepcopy(cfg.router_ft)
         xcfg.mode = "router+experts"
         xcfg.train.lr = bl.upcycle_finetune.train.lr
         baseline_info["dmu_router_experts"] = _finetune_once(
-            dx, train_ds, tokenizer, xcfg, out / "ablations" / "dmu_router_experts" / "train",
+            make_dmu, train_ds, tokenizer, xcfg, out / "ablations" / "dmu_router_experts" / "train",
             out / "ablations" / "dmu_router_experts" / "model", runtime, cfg.seed, "DMU router+experts",
             {"pipeline": "dmu-router+experts"})
-        del dx
         evals("dmu_router_experts", lambda: load(out / "ablations" / "dmu_router_experts" / "model")[0])
     copies = {"upcycle": 0.0} if bl.upcycle else {}
     if bl.drop_upcycle:
         copies["drop_upcycle"] = bl.drop_ratio
     for name, drop_ratio in copies.items():  # copy-upcycling, and Drop-Upcycling: same training, same budget
-        up = _upcycled(base, None, len(experts), cfg, drop_ratio)
         bcfg = copy.deepcopy(bl.upcycle_finetune)
         bcfg.train.steps = max(1, budget // bcfg.train.global_batch)
         bdir = out / "baselines" / name
-        baseline_info[name] = _finetune_once(up, train_ds, tokenizer, bcfg, bdir / "train", bdir / "model", runtime,
+        baseline_info[name] = _finetune_once(lambda r=drop_ratio: _upcycled(base, None, len(experts), cfg, r),
+                                             train_ds, tokenizer, bcfg, bdir / "train", bdir / "model", runtime,
                                              cfg.seed, f"{name} baseline", {"pipeline": f"{name}-baseline"})
-        del up
         evals(name, lambda bdir=bdir: load(bdir / "model")[0])
     if bl.dense_ft:
         baseline_info["dense_ft"] = _dense_ft_once(base, train_ds, tokenizer, cfg, budget,
@@ -292,12 +290,16 @@ def _dense_ft_once(base: nn.Module, ds: CaptionDataset, tokenizer: Callable, cfg
     return summary
 
 
-def _finetune_once(model: nn.Module, ds: CaptionDataset, tokenizer: Callable, ft: MoEFinetuneConfig, train_dir: Path,
-                   model_dir: Path, runtime: Runtime, seed: int, desc: str, extra: dict) -> dict:
-    """Fine-tune and save a model directory, unless a finished one is already there."""
+def _finetune_once(make_model: Callable[[], nn.Module], ds: CaptionDataset, tokenizer: Callable,
+                   ft: MoEFinetuneConfig, train_dir: Path, model_dir: Path, runtime: Runtime, seed: int, desc: str,
+                   extra: dict) -> dict:
+    """Build, fine-tune and save a model directory, unless a finished one is already there (then nothing is
+    built: a resumed run skips the upcycling copy and the routers' seeding). The model lives only here, so it
+    is freed before the next step trains (holding each trained model doubled the peak memory)."""
     done = model_dir / "config.json"
     if done.exists():
         return io.read_json(done).get("finetune", {})
+    model = make_model()
     result = finetune_moe(model, ds, tokenizer, ft, train_dir, runtime, seed, desc)
     require_finished(result, ft.train, desc)
     summary = {k: result[k] for k in ("steps", "samples", "seconds", "skipped")}
