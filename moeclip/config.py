@@ -99,6 +99,11 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML follows YAML 1.1, which reads `lr=3e-4` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

@@ -43,3 +43,14 @@ def test_wrong_type_is_named():
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config(Outer, "/nonexistent.yaml")
+
+
+def test_exponent_without_a_dot_is_a_float(tmp_path):
+    # YAML 1.1 (PyYAML) reads 3e-4 as the string "3e-4"; a learning-rate sweep types exactly that
+    p = tmp_path / "c.yaml"
+    p.write_text("inner: {lr: 1e-3}\n")
+    cfg = load_config(Outer, p, ["blocks=null"])
+    assert cfg.inner.lr == pytest.approx(1e-3)
+    assert load_config(Outer, None, ["inner.lr=3e-4"]).inner.lr == pytest.approx(3e-4)
+    with pytest.raises(ConfigError, match=r"'inner.lr' must be float"):
+        load_config(Outer, None, ["inner.lr=fast"])
