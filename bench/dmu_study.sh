@@ -4,7 +4,7 @@
 # re-running skips what is done. Each full run takes ~17 min on 2 CPU cores; run one at a time (on this machine
 # two runs side by side go no faster than one after the other).
 #
-#   bash bench/dmu_study.sh [default|muted|ablations|constructions|adaptation|variants|published|tables]...   (no argument: all)
+#   bash bench/dmu_study.sh [default|muted|ablations|constructions|adaptation|sweep|variants|published|tables]...   (no argument: all)
 #   SEEDS="0" bash bench/dmu_study.sh constructions    (only seed 0's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,9 +21,7 @@ default() {  # seed 0 is the README's command: output_dir runs/dmu
 }
 
 muted() {  # a base pre-trained on the muted corpus (colour washed out, patterns bold), then DMU on it
-  [ -f runs/base-muted/model/config.json ] || python recipes/pretrain.py output_dir=runs/base-muted \
-    data.synth.out=data/synth_muted data.synth.preset=muted data.train=data/synth_muted/train.csv \
-    data.val=data/synth_muted/val.csv
+  pretrain_muted
   for s in 0 1 2; do $LAUNCH $MUTED output_dir=runs/muted_s$s seed=$s; done
 }
 
@@ -57,6 +55,34 @@ adaptation() {  # a general CLIP adapted to a new domain: base-tiny (pre-trained
     $LAUNCH output_dir=runs/adapt_s$s seed=$s data.train=data/synth_muted/train.csv data.val=data/synth_muted/val.csv \
       data.synth.out=data/synth_muted data.synth.preset=muted data.also_val.old=data/synth/val.csv
   done
+}
+
+sweep() {  # the small learning-rate sweep (seed 0, default corpus): each trained model at 1/3x, 1x and 3x its
+  # default lr, the centre point being runs/dmu itself. Chosen on a held-out dev set (synth seed 1), not on the
+  # validation set the tables report; DMU's MCL stages are reused except for the stage-lr points.
+  [ -f data/synth_dev/val.csv ] || moeclip synth --out data/synth_dev --train 1 --val 2000 --seed 1
+  local dev="data.also_val.dev=data/synth_dev/val.csv" only="baselines.dmu_router_experts=false"
+  $LAUNCH output_dir=runs/dmu seed=0 $dev   # the centre point: adds the dev evaluation to the finished run
+  for lr in 3e-4 3e-3; do $LAUNCH output_dir=runs/sweep/router_lr$lr mcl_dir=runs/dmu/mcl router_ft.train.lr=$lr $NO_BASELINES $dev; done
+  reuse() {  # a baseline-only point keeps runs/dmu's DMU model and evaluations instead of re-training them
+    mkdir -p $1/evals; [ -d $1/model ] || cp -a runs/dmu/model $1/model
+    cp -n runs/dmu/evals/{base,mcl_stage_?,dmu}.json $1/evals/; }
+  for lr in 3e-5 3e-4; do
+    reuse runs/sweep/dense_lr$lr; reuse runs/sweep/upcycle_lr$lr
+    $LAUNCH output_dir=runs/sweep/dense_lr$lr mcl_dir=runs/dmu/mcl $only baselines.upcycle=false baselines.dense_ft_lr=$lr $dev
+    $LAUNCH output_dir=runs/sweep/upcycle_lr$lr mcl_dir=runs/dmu/mcl $only baselines.dense_ft=false \
+      baselines.upcycle_finetune.train.lr=$lr $dev
+  done
+  $LAUNCH output_dir=runs/sweep/mcl_lr3e-4 mcl.train.lr=3e-4 $NO_BASELINES $dev  # only up: §5's lead
+  reuse runs/sweep/drop_lr3e-4   # Drop-Upcycling re-draws half its units: only up from the upcycle lr
+  $LAUNCH output_dir=runs/sweep/drop_lr3e-4 mcl_dir=runs/dmu/mcl $NO_BASELINES baselines.drop_upcycle=true \
+    baselines.upcycle_finetune.train.lr=3e-4 $dev
+}
+
+pretrain_muted() {  # the muted corpus's own base
+  [ -f runs/base-muted/model/config.json ] || python recipes/pretrain.py output_dir=runs/base-muted \
+    data.synth.out=data/synth_muted data.synth.preset=muted data.train=data/synth_muted/train.csv \
+    data.val=data/synth_muted/val.csv
 }
 
 variants() {  # MCL variants on seeds 0 and 1, DMU only (the baselines do not depend on these switches)

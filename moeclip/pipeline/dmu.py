@@ -63,6 +63,7 @@ class BaselinesConfig:
     upcycle: bool = True               # copy-upcycling: every expert a copy of the dense FFN
     upcycle_finetune: MoEFinetuneConfig = field(default_factory=_baseline_default)
     dense_ft: bool = True              # continued fine-tuning of all FFNs, plain batches (MCL's hyper-parameters)
+    dense_ft_lr: float | None = None   # its own learning rate (None = MCL's), so a sweep can tune each baseline
     # "total": each baseline trains on as many samples as DMU used in all (MCL stages + router FT);
     # "router_ft": only as many as DMU's router fine-tuning
     budget: Literal["total", "router_ft"] = "total"
@@ -279,6 +280,8 @@ def _dense_ft_once(base: nn.Module, ds: CaptionDataset, tokenizer: Callable, cfg
     tcfg = copy.deepcopy(cfg.mcl.train)
     tcfg.steps = max(1, budget // tcfg.global_batch)
     tcfg.seed = cfg.seed
+    if cfg.baselines.dense_ft_lr is not None:
+        tcfg.lr = cfg.baselines.dense_ft_lr
     result = train(model, ds, tokenizer, tcfg, out / "train", runtime,
                    trainable=ffn_param_names(model, cfg.mcl.towers, cfg.mcl.blocks), desc="dense FT baseline")
     require_finished(result, tcfg, "dense FT baseline")
