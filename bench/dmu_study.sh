@@ -14,7 +14,7 @@ MUTED="base=runs/base-muted/model data.train=data/synth_muted/train.csv data.val
 NO_BASELINES="baselines.upcycle=false baselines.dense_ft=false baselines.dmu_router_experts=false"
 
 default() {  # seed 0 is the README's command: output_dir runs/dmu
-  for s in 0 1 2; do
+  for s in ${SEEDS:-0 1 2}; do
     out=runs/dmu; [ "$s" = 0 ] || out=runs/dmu_s$s
     $LAUNCH output_dir=$out seed=$s
   done
@@ -22,7 +22,7 @@ default() {  # seed 0 is the README's command: output_dir runs/dmu
 
 muted() {  # a base pre-trained on the muted corpus (colour washed out, patterns bold), then DMU on it
   pretrain_muted
-  for s in 0 1 2; do $LAUNCH $MUTED output_dir=runs/muted_s$s seed=$s; done
+  for s in ${SEEDS:-0 1 2}; do $LAUNCH $MUTED output_dir=runs/muted_s$s seed=$s baselines.dmu_router_experts=false; done
 }
 
 ablations() {  # DMU on the first 1 or 2 MCL stages (2 or 3 experts), and top-1 routing, per default seed
@@ -53,30 +53,39 @@ adaptation() {  # a general CLIP adapted to a new domain: base-tiny (pre-trained
   [ -f data/synth/val.csv ] || moeclip synth --out data/synth
   for s in ${SEEDS:-0 1 2}; do
     $LAUNCH output_dir=runs/adapt_s$s seed=$s data.train=data/synth_muted/train.csv data.val=data/synth_muted/val.csv \
-      data.synth.out=data/synth_muted data.synth.preset=muted data.also_val.old=data/synth/val.csv
+      data.synth.out=data/synth_muted data.synth.preset=muted data.also_val.old=data/synth/val.csv \
+      baselines.dmu_router_experts=false
   done
 }
 
-sweep() {  # the small learning-rate sweep (seed 0, default corpus): each trained model at 1/3x, 1x and 3x its
-  # default lr, the centre point being runs/dmu itself. Chosen on a held-out dev set (synth seed 1), not on the
-  # validation set the tables report; DMU's MCL stages are reused except for the stage-lr points.
+sweep() {  # the small learning-rate sweep (seed 0, default corpus): each trained model at 1/3x, 1x and 3x the lr
+  # it had before the sweep (PRE; one more 3x step where the best sat at an edge). Picked on a held-out dev set
+  # (synth seed 1), not on the validation set the tables report. DMU's MCL stages are reused except at the
+  # stage-lr points; the winners are recipes/configs/default.yaml's lrs now.
   [ -f data/synth_dev/val.csv ] || moeclip synth --out data/synth_dev --train 1 --val 2000 --seed 1
   local dev="data.also_val.dev=data/synth_dev/val.csv" only="baselines.dmu_router_experts=false"
-  $LAUNCH output_dir=runs/dmu seed=0 $dev   # the centre point: adds the dev evaluation to the finished run
-  for lr in 3e-4 3e-3; do $LAUNCH output_dir=runs/sweep/router_lr$lr mcl_dir=runs/dmu/mcl router_ft.train.lr=$lr $NO_BASELINES $dev; done
-  reuse() {  # a baseline-only point keeps runs/dmu's DMU model and evaluations instead of re-training them
-    mkdir -p $1/evals; [ -d $1/model ] || cp -a runs/dmu/model $1/model
-    cp -n runs/dmu/evals/{base,mcl_stage_?,dmu}.json $1/evals/; }
-  for lr in 3e-5 3e-4; do
-    reuse runs/sweep/dense_lr$lr; reuse runs/sweep/upcycle_lr$lr
-    $LAUNCH output_dir=runs/sweep/dense_lr$lr mcl_dir=runs/dmu/mcl $only baselines.upcycle=false baselines.dense_ft_lr=$lr $dev
-    $LAUNCH output_dir=runs/sweep/upcycle_lr$lr mcl_dir=runs/dmu/mcl $only baselines.dense_ft=false \
+  local PRE="mcl.train.lr=1e-4 router_ft.train.lr=1e-3 baselines.upcycle_finetune.train.lr=1e-4 baselines.dense_ft_lr=1e-4"
+  local c=runs/sweep/centre
+  $LAUNCH output_dir=$c seed=0 $PRE $dev   # the centre point: every model at its pre-sweep lr
+  for lr in 1e-4 3e-4 3e-3; do $LAUNCH output_dir=runs/sweep/router_lr$lr mcl_dir=$c/mcl $PRE router_ft.train.lr=$lr $NO_BASELINES $dev; done
+  reuse() {  # a baseline-only point keeps the centre's DMU model and evaluations instead of re-training them
+    mkdir -p $1/evals; [ -d $1/model ] || cp -a $c/model $1/model
+    cp -n $c/evals/{base,mcl_stage_?,dmu}.json $1/evals/; }
+  for lr in 3e-5 3e-4 1e-3; do
+    reuse runs/sweep/dense_lr$lr
+    $LAUNCH output_dir=runs/sweep/dense_lr$lr mcl_dir=$c/mcl $PRE $only baselines.upcycle=false baselines.dense_ft_lr=$lr $dev
+  done
+  for lr in 3e-5 3e-4 1e-3; do
+    reuse runs/sweep/upcycle_lr$lr
+    $LAUNCH output_dir=runs/sweep/upcycle_lr$lr mcl_dir=$c/mcl $PRE $only baselines.dense_ft=false \
       baselines.upcycle_finetune.train.lr=$lr $dev
   done
-  $LAUNCH output_dir=runs/sweep/mcl_lr3e-4 mcl.train.lr=3e-4 $NO_BASELINES $dev  # only up: §5's lead
-  reuse runs/sweep/drop_lr3e-4   # Drop-Upcycling re-draws half its units: only up from the upcycle lr
-  $LAUNCH output_dir=runs/sweep/drop_lr3e-4 mcl_dir=runs/dmu/mcl $NO_BASELINES baselines.drop_upcycle=true \
-    baselines.upcycle_finetune.train.lr=3e-4 $dev
+  for lr in 3e-4 1e-3; do $LAUNCH output_dir=runs/sweep/mcl_lr$lr $PRE mcl.train.lr=$lr $NO_BASELINES $dev; done
+  for lr in 3e-4 1e-3; do  # Drop-Upcycling re-draws half its units (centre: runs/con/drop_s0's lr 1e-4)
+    reuse runs/sweep/drop_lr$lr
+    $LAUNCH output_dir=runs/sweep/drop_lr$lr mcl_dir=$c/mcl $PRE $NO_BASELINES baselines.drop_upcycle=true \
+      baselines.upcycle_finetune.train.lr=$lr $dev
+  done
 }
 
 pretrain_muted() {  # the muted corpus's own base
@@ -85,8 +94,8 @@ pretrain_muted() {  # the muted corpus's own base
     data.val=data/synth_muted/val.csv
 }
 
-variants() {  # MCL variants on seeds 0 and 1, DMU only (the baselines do not depend on these switches)
-  for s in 0 1; do $LAUNCH output_dir=runs/var/start_prev_s$s mcl.start_from=previous seed=$s $NO_BASELINES; done
+variants() {  # chained MCL stages, DMU only (the baselines do not depend on this switch: each seed's runs/dmu*)
+  for s in ${SEEDS:-0 1 2}; do $LAUNCH output_dir=runs/var/start_prev_s$s mcl.start_from=previous seed=$s $NO_BASELINES; done
 }
 
 published() { $LAUNCH --config recipes/configs/published.yaml; }

@@ -1,0 +1,164 @@
+"""Issue 16's study tables from the runs bench/dmu_study.sh leaves: every construction against the baselines of
+the same seed, mean +- std over seeds, with training samples and FLOPs, inference FLOPs and the expert diversity.
+
+    python bench/study_tables.py [--runs runs] [--out docs/study_tables.md]
+
+A row whose runs are missing for some seeds shows how many it has (n); nothing is filled in or extrapolated.
+"""
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Callable
+
+SEEDS = (0, 1, 2)
+BASELINES = ("upcycle", "dense_ft")
+# (label, run folder for a seed, model key in that run's report.json); the run folder's baselines are the seed's
+# own unless the construction's run has none, then the corpus's main run of that seed gives them
+Row = tuple[str, Callable[[Path, int], Path], str]
+
+
+def _main(prefix: str) -> Callable[[Path, int], Path]:
+    if prefix == "dmu":  # seed 0 of the default corpus is the README's run, runs/dmu
+        return lambda runs, s: runs / ("dmu" if s == 0 else f"dmu_s{s}")
+    return lambda runs, s: runs / f"{prefix}_s{s}"
+
+
+def _con(name: str) -> Callable[[Path, int], Path]:
+    return lambda runs, s: runs / "con" / f"{name}_s{s}"
+
+
+def rows_for(prefix: str) -> list[Row]:
+    main = _main(prefix)
+    rows: list[Row] = [("base", main, "base"), *[(f"MCL stage {i}", main, f"mcl_stage_{i}") for i in (1, 2, 3)],
+                       ("DMU (published: routers only)", main, "dmu"),
+                       ("DMU, routers + experts", main, "dmu_router_experts")]
+    if prefix == "dmu":
+        rows += [("DMU, zero router init (old default)", _con("zero_router"), "dmu"),
+                 ("DMU, chained stages", lambda runs, s: runs / "var" / f"start_prev_s{s}", "dmu"),
+                 ("DMU + shared expert", _con("shared"), "dmu"),
+                 ("cluster specialists", _con("specialists"), "dmu"),
+                 ("Drop-Upcycling r=0.5", _con("drop"), "drop_upcycle")]
+    rows += [("baseline: upcycle", main, "upcycle"), ("baseline: dense_ft", main, "dense_ft")]
+    return rows
+
+
+def _report(path: Path) -> dict | None:
+    f = path / "report.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _ms(values: list[float], signed: bool = False) -> str:
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.1f}"
+
+
+def _score(report: dict, key: str, also: str | None) -> float | None:
+    models = report.get("also_val", {}).get(also, {}) if also else report["models"]
+    return 100 * models[key]["mean_R@1"] if key in models else None
+
+
+def _best_baseline(main_report: dict, also: str | None) -> float | None:
+    scores = [_score(main_report, b, also) for b in BASELINES]
+    scores = [s for s in scores if s is not None]
+    return max(scores) if len(scores) == len(BASELINES) else None
+
+
+def _diversity(report: dict, key: str) -> str:
+    """Closest and farthest pair of routed experts (rel. L2) and the mean load CV of the final model's routers;
+    only the run's own DMU-style model has them."""
+    if key != "dmu" or "expert_distance" not in report:
+        return "–"
+    d = report["expert_distance"]
+    pairs = [d[a][b] for a in range(len(d)) for b in range(a + 1, len(d))]
+    cv = [u["load_cv"] for u in report.get("expert_usage") or []]
+    cv_txt = f"; load CV {statistics.mean(cv):.3f}" if cv else ""
+    return f"{100 * min(pairs):.1f}-{100 * max(pairs):.1f}%{cv_txt}"
+
+
+def table(runs: Path, prefix: str, also: str | None = None) -> str:
+    main = _main(prefix)
+    head = ("| model | n | mean R@1 | − best baseline (same seed) | train samples | train TFLOPs | "
+            "MFLOPs / image, caption | experts apart; load CV (seed 0) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for label, where, key in rows_for(prefix):
+        scores, margins, cost, div = [], [], None, "–"
+        for s in SEEDS:
+            rep, base_rep = _report(where(runs, s)), _report(main(runs, s))
+            if rep is None or base_rep is None or _score(rep, key, also) is None:
+                continue
+            scores.append(_score(rep, key, also))
+            best = _best_baseline(base_rep, also)
+            if best is not None:
+                margins.append(scores[-1] - best)
+            cost = cost or rep.get("costs", {}).get(key)
+            if div == "–":
+                div = _diversity(rep, key)
+        if not scores:
+            continue
+        c = cost or {}
+        cost_cells = (f"{c['train_samples']:,} | {c['train_flops'] / 1e12:.1f} | "
+                      f"{c['image_flops'] / 1e6:.1f}, {c['caption_flops'] / 1e6:.1f}") if c else "– | – | –"
+        lines.append(f"| {label} | {len(scores)} | {_ms(scores)} | {_ms(margins, signed=True)} | {cost_cells} | {div} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(runs: Path) -> str:
+    """Seed 0's learning-rate sweep, scored on the dev set (synth seed 1) that picks, and on the validation set."""
+    sweep = runs / "sweep"
+    centre = sweep / "centre"  # every model at its pre-sweep lr
+    points = [("DMU router FT", "dmu", {1e-3: centre}, "router"),
+              ("MCL stages (DMU)", "dmu", {1e-4: centre}, "mcl"),
+              ("baseline: upcycle", "upcycle", {1e-4: centre}, "upcycle"),
+              ("baseline: dense_ft", "dense_ft", {1e-4: centre}, "dense"),
+              ("Drop-Upcycling r=0.5", "drop_upcycle", {1e-4: runs / "con/drop_s0"}, "drop")]
+    for _, _, by_lr, name in points:  # every runs/sweep/NAME_lrX point there is, beside the centre points above
+        for d in sweep.glob(f"{name}_lr*"):
+            by_lr.setdefault(float(d.name.split("_lr")[1]), d)
+    lines = ["| trained model | lr | dev mean R@1 (picks) | val mean R@1 |", "|---|---|---|---|"]
+    for label, key, by_lr, _ in points:
+        scored = []
+        for lr, path in sorted(by_lr.items()):
+            rep = _report(path)
+            if rep is None or _score(rep, key, None) is None:
+                continue
+            scored.append((lr, _score(rep, key, "dev"), _score(rep, key, None)))
+        with_dev = [p for p in scored if p[1] is not None]
+        best = max(with_dev, key=lambda p: p[1])[0] if with_dev else None
+        for lr, dev, val in scored:
+            mark = " **(best)**" if lr == best else ""
+            lr_txt = f"{lr:.0e}".replace("e-0", "e-")
+            lines.append(f"| {label} | {lr_txt}{mark} | {'–' if dev is None else f'{dev:.1f}'} | {val:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def retention_table(runs: Path) -> str:
+    """The adaptation runs: the new domain (their validation set) and the old one (data.also_val.old)."""
+    new, old = table(runs, "adapt").splitlines(), table(runs, "adapt", also="old").splitlines()
+    if len(new) <= 2:
+        return "(no adaptation runs)\n"
+    return ("New domain (muted corpus):\n\n" + "\n".join(new) + "\n\nOld domain (default corpus, retention):\n\n"
+            + "\n".join(old) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default="runs")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    runs = Path(args.runs)
+    text = ("## Learning-rate sweep (seed 0, default corpus)\n\n" + sweep_table(runs)
+            + "\n## Default corpus\n\n" + table(runs, "dmu")
+            + "\n## Muted corpus (its own base)\n\n" + table(runs, "muted")
+            + "\n## Adaptation: base-tiny fine-tuned on the muted corpus\n\n" + retention_table(runs))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
