@@ -115,7 +115,7 @@ def sweep_table(runs: Path) -> str:
               ("MCL stages (DMU)", "dmu", {1e-4: centre}, "mcl"),
               ("baseline: upcycle", "upcycle", {1e-4: centre}, "upcycle"),
               ("baseline: dense_ft", "dense_ft", {1e-4: centre}, "dense"),
-              ("Drop-Upcycling r=0.5", "drop_upcycle", {1e-4: runs / "con/drop_s0"}, "drop")]
+              ("Drop-Upcycling r=0.5", "drop_upcycle", {}, "drop")]
     for _, _, by_lr, name in points:  # every runs/sweep/NAME_lrX point there is, beside the centre points above
         for d in sweep.glob(f"{name}_lr*"):
             by_lr.setdefault(float(d.name.split("_lr")[1]), d)

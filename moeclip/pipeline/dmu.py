@@ -72,6 +72,7 @@ class BaselinesConfig:
     # as the upcycle baseline (upcycle_finetune, same budget)
     drop_upcycle: bool = False
     drop_ratio: float = 0.5
+    drop_upcycle_lr: float | None = None  # its own learning rate (None = upcycle_finetune's)
 
 
 @dataclass
@@ -152,6 +153,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     for name, drop_ratio in copies.items():  # copy-upcycling, and Drop-Upcycling: same training, same budget
         bcfg = copy.deepcopy(bl.upcycle_finetune)
         bcfg.train.steps = max(1, budget // bcfg.train.global_batch)
+        if name == "drop_upcycle" and bl.drop_upcycle_lr is not None:
+            bcfg.train.lr = bl.drop_upcycle_lr
         bdir = out / "baselines" / name
         baseline_info[name] = _finetune_once(lambda r=drop_ratio: _upcycled(base, None, len(experts), cfg, r),
                                              train_ds, tokenizer, bcfg, bdir / "train", bdir / "model", runtime,
@@ -288,7 +291,8 @@ def _dense_ft_once(base: nn.Module, ds: CaptionDataset, tokenizer: Callable, cfg
     summary = {k: result[k] for k in ("steps", "samples", "seconds", "skipped")}
     if runtime.is_main:
         save_model_dir(model, out / "model",
-                       extra={"pipeline": "dense-ft-baseline", "finetune": {**summary, "history": result["history"]}})
+                       extra={"pipeline": "dense-ft-baseline",
+                              "finetune": {**summary, "lr": tcfg.lr, "history": result["history"]}})
     runtime.barrier()
     return summary
 
@@ -308,6 +312,7 @@ def _finetune_once(make_model: Callable[[], nn.Module], ds: CaptionDataset, toke
     summary = {k: result[k] for k in ("steps", "samples", "seconds", "skipped")}
     if runtime.is_main:
         save_model_dir(model, model_dir,
-                       extra={**extra, "finetune": {**summary, "mode": ft.mode, "history": result["history"]}})
+                       extra={**extra, "finetune": {**summary, "mode": ft.mode, "lr": ft.train.lr,
+                                                    "history": result["history"]}})
     runtime.barrier()
     return summary

@@ -21,7 +21,8 @@ def test_dmu_smoke_end_to_end(tmp_path):
     cmd = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", str(REPO / "recipes" / "dmu.py"), "--config",
            str(REPO / "recipes" / "configs" / "smoke.yaml"), f"output_dir={out}", f"data.train={data}/train.csv",
-           f"data.val={data}/val.csv", f"data.synth.out={data}", f"base={REPO / 'checkpoints' / 'base-tiny'}"]
+           f"data.val={data}/val.csv", f"data.synth.out={data}", f"base={REPO / 'checkpoints' / 'base-tiny'}",
+           "baselines.dense_ft_lr=2e-3"]  # a sweep's value (YAML 1.1 reads it as a string: still a float)
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -29,6 +30,9 @@ def test_dmu_smoke_end_to_end(tmp_path):
         == set(report["models"])
     for m in report["models"].values():
         assert {"image_to_text_R@1", "text_to_image_R@10", "factors"} <= set(m)
+    lr = {name: json.loads((out / sub / "model" / "config.json").read_text())["finetune"]["lr"]
+          for name, sub in (("dense_ft", "baselines/dense_ft"), ("upcycle", "baselines/upcycle"), ("dmu", ""))}
+    assert lr == {"dense_ft": 2e-3, "upcycle": 1e-4, "dmu": 1e-3}  # each baseline its own lr (smoke.yaml's)
     b = report["budgets"]
     assert b["upcycle_samples"] == b["dense_ft_samples"] == b["dmu_total_samples"] == 3 * 6 * 32
     costs = report["costs"]  # every model charged; top-2 MoE inference costs more than the dense base
@@ -63,7 +67,7 @@ def test_dmu_smoke_end_to_end(tmp_path):
     abl = tmp_path / "abl"
     abl_cmd = [*cmd, f"output_dir={abl}", f"mcl_dir={out / 'mcl'}", "mcl.num_experts=2", "upcycle.top_k=1",
                "baselines.upcycle=false", "baselines.dense_ft=false", "baselines.dmu_router_experts=false",
-               "baselines.drop_upcycle=true", f"data.also_val.again={data}/val.csv"]
+               "baselines.drop_upcycle=true", "baselines.drop_upcycle_lr=3e-3", f"data.also_val.again={data}/val.csv"]
     # stop_at leaves after a checkpoint without passing the half-trained router off as finished
     stop = subprocess.run([*abl_cmd, "router_ft.train.stop_at=3"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -74,6 +78,8 @@ def test_dmu_smoke_end_to_end(tmp_path):
     rep = json.loads((abl / "report.json").read_text())
     assert set(rep["models"]) == {"base", "mcl_stage_1", "dmu", "drop_upcycle"} and not (abl / "mcl").exists()
     assert rep["budgets"]["drop_upcycle_samples"] == rep["budgets"]["dmu_total_samples"]
+    drop_cfg = json.loads((abl / "baselines" / "drop_upcycle" / "model" / "config.json").read_text())
+    assert drop_cfg["finetune"]["lr"] == 3e-3
     assert set(rep["also_val"]["again"]) == set(rep["models"])  # every model also on the second set
     assert rep["also_val"]["again"]["dmu"]["mean_R@1"] == rep["models"]["dmu"]["mean_R@1"]
     assert rep["models"]["mcl_stage_1"] == report["models"]["mcl_stage_1"]
