@@ -1,36 +1,43 @@
 #!/bin/bash
-# The runs behind docs/results.md: the default recipe on two corpora x 3 seeds, the expert-count and top-k
-# ablations (on each default-corpus seed's own MCL stages), and the published recipe. Every run resumes, so
-# re-running skips what is done. Each full run takes ~17 min on 2 CPU cores; run one at a time (on this machine
+# The runs behind docs/results.md: DMU (construction=dmu, with both baselines) on two corpora and in the adaptation
+# scenario x 3 seeds, every other construction on each seed's own MCL stages, the expert-count and top-k
+# ablations, and the published recipe. The README's command (construction=drop_upcycle, the default) writes
+# runs/dmu; the study's DMU runs are runs/dmu_s*. Every run resumes, so re-running skips what is done. A full DMU
+# run takes ~13-15 min on 2 CPU cores, a construction on reused stages ~3-7; run one at a time (on this machine
 # two runs side by side go no faster than one after the other).
 #
 #   bash bench/dmu_study.sh [default|muted|ablations|constructions|adaptation|sweep|variants|published|tables]...   (no argument: all)
 #   SEEDS="0" bash bench/dmu_study.sh constructions    (only seed 0's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/dmu.py"
+# every study run is DMU-based (construction=dmu): the other constructions are switches on top of its stages
+RECIPE="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/dmu.py"
+LAUNCH="$RECIPE construction=dmu"
 MUTED="base=runs/base-muted/model data.train=data/synth_muted/train.csv data.val=data/synth_muted/val.csv
        data.synth.out=data/synth_muted data.synth.preset=muted"
+ADAPT="data.train=data/synth_muted/train.csv data.val=data/synth_muted/val.csv data.synth.out=data/synth_muted
+       data.synth.preset=muted data.also_val.old=data/synth/val.csv"
 NO_BASELINES="baselines.upcycle=false baselines.dense_ft=false baselines.dmu_router_experts=false"
 
 dev_set() { [ -f data/synth_dev/val.csv ] || moeclip synth --out data/synth_dev --train 1 --val 2000 --seed 1; }
 
-default() {  # seed 0 is the README's command: output_dir runs/dmu (plus the dev set, the sweep's held-out picker)
+default() {  # DMU and both baselines per seed (plus the dev set, the sweep's held-out picker)
   dev_set
-  for s in ${SEEDS:-0 1 2}; do
-    out=runs/dmu; [ "$s" = 0 ] || out=runs/dmu_s$s
-    $LAUNCH output_dir=$out seed=$s data.also_val.dev=data/synth_dev/val.csv
-  done
+  for s in ${SEEDS:-0 1 2}; do $LAUNCH output_dir=runs/dmu_s$s seed=$s data.also_val.dev=data/synth_dev/val.csv; done
 }
 
-muted() {  # a base pre-trained on the muted corpus (colour washed out, patterns bold), then DMU on it
+muted() {  # a base pre-trained on the muted corpus (colour washed out, patterns bold), then DMU and Drop-Upcycling
   pretrain_muted
-  for s in ${SEEDS:-0 1 2}; do $LAUNCH $MUTED output_dir=runs/muted_s$s seed=$s baselines.dmu_router_experts=false; done
+  for s in ${SEEDS:-0 1 2}; do
+    $LAUNCH $MUTED output_dir=runs/muted_s$s seed=$s baselines.dmu_router_experts=false
+    $LAUNCH $MUTED output_dir=runs/con/muted_drop_s$s mcl_dir=runs/muted_s$s/mcl seed=$s $NO_BASELINES \
+      baselines.drop_upcycle=true
+  done
 }
 
 ablations() {  # DMU on the first 1 or 2 MCL stages (2 or 3 experts), and top-1 routing, per default seed
   for s in 0 1 2; do
-    run=runs/dmu; [ "$s" = 0 ] || run=runs/dmu_s$s
+    run=runs/dmu_s$s
     [ -f $run/report.json ] || continue
     for e in 2 3; do $LAUNCH output_dir=runs/abl/e${e}_s$s mcl_dir=$run/mcl mcl.num_experts=$e seed=$s $NO_BASELINES; done
     $LAUNCH output_dir=runs/abl/top1_s$s mcl_dir=$run/mcl upcycle.top_k=1 seed=$s $NO_BASELINES
@@ -41,7 +48,7 @@ constructions() {  # issue #16's constructions on each default seed's own MCL st
   # the zero-initialised router (the old default), a shared expert beside the routed ones, Drop-Upcycling
   # (r = 0.5, trained like the upcycle baseline at the same budget), and cluster-specialist experts
   for s in ${SEEDS:-0 1 2}; do
-    run=runs/dmu; [ "$s" = 0 ] || run=runs/dmu_s$s
+    run=runs/dmu_s$s
     [ -f $run/report.json ] || continue
     $LAUNCH output_dir=runs/con/zero_router_s$s mcl_dir=$run/mcl upcycle.router_init_std=0.0 seed=$s $NO_BASELINES
     $LAUNCH output_dir=runs/con/shared_s$s mcl_dir=$run/mcl upcycle.shared_expert=true seed=$s $NO_BASELINES
@@ -54,10 +61,13 @@ constructions() {  # issue #16's constructions on each default seed's own MCL st
 adaptation() {  # a general CLIP adapted to a new domain: base-tiny (pre-trained on the default corpus) trained on
   # the muted corpus, every model also evaluated on the default corpus's validation set (retention)
   [ -f data/synth/val.csv ] || moeclip synth --out data/synth
+  # plus Drop-Upcycling and a shared expert (the base FFN kept beside the routed ones) on each seed's stages
   for s in ${SEEDS:-0 1 2}; do
-    $LAUNCH output_dir=runs/adapt_s$s seed=$s data.train=data/synth_muted/train.csv data.val=data/synth_muted/val.csv \
-      data.synth.out=data/synth_muted data.synth.preset=muted data.also_val.old=data/synth/val.csv \
-      baselines.dmu_router_experts=false
+    $LAUNCH $ADAPT output_dir=runs/adapt_s$s seed=$s baselines.dmu_router_experts=false
+    $LAUNCH $ADAPT output_dir=runs/con/adapt_drop_s$s mcl_dir=runs/adapt_s$s/mcl seed=$s $NO_BASELINES \
+      baselines.drop_upcycle=true
+    $LAUNCH $ADAPT output_dir=runs/con/adapt_shared_s$s mcl_dir=runs/adapt_s$s/mcl seed=$s $NO_BASELINES \
+      upcycle.shared_expert=true
   done
 }
 
@@ -99,23 +109,23 @@ pretrain_muted() {  # the muted corpus's own base
     data.val=data/synth_muted/val.csv
 }
 
-variants() {  # chained MCL stages, DMU only (the baselines do not depend on this switch: each seed's runs/dmu*)
+variants() {  # chained MCL stages, DMU only (the baselines do not depend on this switch: each seed's runs/dmu_s*)
   for s in ${SEEDS:-0 1 2}; do $LAUNCH output_dir=runs/var/start_prev_s$s mcl.start_from=previous seed=$s $NO_BASELINES; done
 }
 
-published() { $LAUNCH --config recipes/configs/published.yaml; }
+published() { $RECIPE --config recipes/configs/published.yaml; }  # construction: dmu is in the file
 
 tables() {
   mkdir -p runs/tables
   agg() { local name=$1; shift; local have=(); for f in "$@"; do [ -f "$f" ] && have+=("$f"); done
           [ ${#have[@]} -gt 0 ] && python bench/aggregate_reports.py "${have[@]}" --out runs/tables/$name.md > /dev/null
           echo "runs/tables/$name.md (${#have[@]} report(s))"; }
-  agg default runs/dmu/report.json runs/dmu_s1/report.json runs/dmu_s2/report.json
+  agg default runs/dmu_s{0,1,2}/report.json
   agg muted runs/muted_s{0,1,2}/report.json
   for a in e2 e3 top1; do agg abl_$a runs/abl/${a}_s{0,1,2}/report.json; done
   agg published runs/dmu_published/report.json
-  agg start_prev runs/var/start_prev_s0/report.json runs/var/start_prev_s1/report.json
-  for c in zero_router shared drop specialists; do agg con_$c runs/con/${c}_s{0,1,2}/report.json; done
+  agg start_prev runs/var/start_prev_s{0,1,2}/report.json
+  for c in zero_router shared drop specialists muted_drop adapt_drop adapt_shared; do agg con_$c runs/con/${c}_s{0,1,2}/report.json; done
   agg adaptation runs/adapt_s{0,1,2}/report.json
 }
 

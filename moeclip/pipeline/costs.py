@@ -3,8 +3,9 @@
 Equal samples is not equal compute: a top-2 MoE runs two FFNs a token, router-only training skips weight
 gradients, and DMU also embeds the whole corpus once per stage to cluster it. Each model is charged for
 everything its weights went through (a stage model: its own stage, or every stage before it when stages
-chain; DMU: all stages, their embedding passes and the router fine-tuning), with per-pair FLOPs counted on
-the real models (`moeclip.analysis.flops`).
+chain; DMU: all stages, their embedding passes and the router fine-tuning; a Drop-Upcycling main model,
+`construction=drop_upcycle`: its fine-tuning alone), with per-pair FLOPs counted on the real models
+(`moeclip.analysis.flops`).
 """
 from __future__ import annotations
 
@@ -48,9 +49,12 @@ def model_costs(base: nn.Module, make_moe: Callable[[float], nn.Module], cfg: An
     if "dmu_router_experts" in samples:
         n = samples["dmu_router_experts"]
         out["dmu_router_experts"] = row(num_stages * stage + n, mcl_flops + n * per_pair["router+experts"], moe_infer)
+    if cfg.construction == "drop_upcycle" and "drop_upcycle" in samples:  # the main model: no MCL, construction_ft
+        n = samples["drop_upcycle"]
+        out["drop_upcycle"] = row(n, n * per_pair[cfg.construction_ft.mode], moe_infer)
     baseline_mode = cfg.baselines.upcycle_finetune.mode
     for name in ("upcycle", "drop_upcycle"):
-        if name in samples:
+        if name in samples and name not in out:
             n = samples[name]
             out[name] = row(n, n * per_pair[baseline_mode], moe_infer)
     if "dense_ft" in samples:

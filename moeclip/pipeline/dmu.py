@@ -2,6 +2,7 @@
 
 base -> MCL stages (experts) -> upcycle -> router fine-tuning -> evaluation of the base, every
 stage model, the copy-upcycling baseline and the DMU model -> report.json / report.md / model/.
+`construction=drop_upcycle` builds model/ by Drop-Upcycling instead (no MCL; moeclip.pipeline.constructions).
 Every step leaves files that mark it done, so re-running the same command resumes.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
 from moeclip.moe import upcycle
 from moeclip.moe.router import DEFAULT_ROUTER_INIT_STD
 from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, load_base, open_train_data
+from moeclip.pipeline.constructions import check_construction, construction_ft, construction_ft_default, dmu_budget
 from moeclip.pipeline.costs import model_costs
 from moeclip.pipeline.evaluator import Evaluator
 from moeclip.analysis import analyse_experts, write_expert_report
@@ -52,6 +54,7 @@ class UpcycleConfig:
     # keep the base FFN as an always-on shared expert behind a learned per-token gate (moeclip.moe.layer.MoEFFN),
     # in every upcycled model of the run (DMU, its ablation, the upcycling baselines)
     shared_expert: bool = False
+    drop_ratio: float = 0.5            # construction=drop_upcycle: share of each expert's hidden units re-drawn
 
 
 def _baseline_default() -> MoEFinetuneConfig:
@@ -84,6 +87,9 @@ class DMUConfig:
     mcl_dir: str | None = None
     seed: int = 0
     eval_batch: int = 256
+    # how model/ is built: dmu = MCL experts + routers, the published method; drop_upcycle = Drop-Upcycling
+    # (copies of the base with upcycle.drop_ratio of each expert re-drawn, trained with construction_ft), no MCL
+    construction: Literal["dmu", "drop_upcycle"] = "dmu"
     # retrieval protocol of every evaluation (moeclip.eval.retrieval): per_caption = papers / CLIP_benchmark;
     # multi_positive = identical captions merged (how docs/results.md's tables were made)
     eval_protocol: Literal["per_caption", "multi_positive"] = "per_caption"
@@ -94,6 +100,8 @@ class DMUConfig:
     mcl: MCLConfig = field(default_factory=MCLConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     router_ft: MoEFinetuneConfig = field(default_factory=MoEFinetuneConfig)
+    # construction=drop_upcycle's training; its train.steps is ignored (set from DMU's sample budget)
+    construction_ft: MoEFinetuneConfig = field(default_factory=construction_ft_default)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # docs/distributed.md
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # trackers, OUTPUT_DIR/logs/<step>/ (docs/usage.md)
@@ -104,6 +112,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     main = runtime.is_main
     out = Path(cfg.output_dir)
     started = time.time()
+    model_dir = out / "model"
+    check_construction(cfg, model_dir)
     configure(runtime.trainer, cfg.logging, out)
     eval_log = open_step(runtime.trainer, "eval")
     ensure_data(cfg.data, main)
@@ -119,26 +129,37 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
                       on_result=lambda name, m: eval_log.log(eval_values(name, m), step=0))
 
     mcl_dir = Path(cfg.mcl_dir) if cfg.mcl_dir else out / "mcl"
-    experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, mcl_dir, runtime, cfg.seed, factor_columns)
-
-    evals("base", lambda: base)
-    for s in range(1, len(experts)):
-        evals(f"mcl_stage_{s}", lambda s=s: _stage_model(base, experts[s]))
-
-    def make_dmu() -> nn.Module:
-        return _seed_routers(_upcycled(base, experts, len(experts), cfg), cfg, mcl_dir, train_ds, tokenizer, runtime)
-
-    model_dir = out / "model"
-    ft = _finetune_once(make_dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, runtime,
-                        cfg.seed, "DMU router FT", {"pipeline": "dmu", "config": to_dict(cfg)})
-    evals("dmu", lambda: load(model_dir)[0])
-
     bl = cfg.baselines
-    budget = ft["samples"] + (len(experts) - 1) * cfg.mcl.train.steps * cfg.mcl.train.global_batch
-    if bl.budget == "router_ft":
-        budget = ft["samples"]
+    main_name = cfg.construction
+    if cfg.construction == "dmu":
+        experts = run_mcl(base, train_ds, tokenizer, cfg.mcl, mcl_dir, runtime, cfg.seed, factor_columns)
+        num_experts = len(experts)
+        evals("base", lambda: base)
+        for s in range(1, len(experts)):
+            evals(f"mcl_stage_{s}", lambda s=s: _stage_model(base, experts[s]))
+
+        def make_dmu() -> nn.Module:
+            return _seed_routers(_upcycled(base, experts, len(experts), cfg), cfg, mcl_dir, train_ds, tokenizer,
+                                 runtime)
+
+        ft = _finetune_once(make_dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, runtime,
+                            cfg.seed, "DMU router FT", {"pipeline": "dmu", "config": to_dict(cfg)})
+        budget = ft["samples"] + (len(experts) - 1) * cfg.mcl.train.steps * cfg.mcl.train.global_batch
+        if bl.budget == "router_ft":
+            budget = ft["samples"]
+    else:  # drop_upcycle: no MCL; trained on the samples DMU would have used
+        experts, num_experts, budget = [], cfg.mcl.num_experts, dmu_budget(cfg)
+        evals("base", lambda: base)
+        ft = _finetune_once(lambda: _upcycled(base, None, num_experts, cfg, cfg.upcycle.drop_ratio), train_ds,
+                            tokenizer, construction_ft(cfg, budget), out / "construction_ft", model_dir, runtime,
+                            cfg.seed, "drop_upcycle construction", {"pipeline": main_name, "config": to_dict(cfg)})
+    evals(main_name, lambda: load(model_dir)[0])
+
     baseline_info = {}
-    if bl.dmu_router_experts:
+    if bl.dmu_router_experts and not experts:
+        log.info("baselines.dmu_router_experts skipped: it re-trains DMU's MCL experts, and construction=%s has none",
+                 cfg.construction)
+    elif bl.dmu_router_experts:
         xcfg = copy.deepcopy(cfg.router_ft)
         xcfg.mode = "router+experts"
         xcfg.train.lr = bl.upcycle_finetune.train.lr
@@ -156,7 +177,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         if name == "drop_upcycle" and bl.drop_upcycle_lr is not None:
             bcfg.train.lr = bl.drop_upcycle_lr
         bdir = out / "baselines" / name
-        baseline_info[name] = _finetune_once(lambda r=drop_ratio: _upcycled(base, None, len(experts), cfg, r),
+        baseline_info[name] = _finetune_once(lambda r=drop_ratio: _upcycled(base, None, num_experts, cfg, r),
                                              train_ds, tokenizer, bcfg, bdir / "train", bdir / "model", runtime,
                                              cfg.seed, f"{name} baseline", {"pipeline": f"{name}-baseline"})
         evals(name, lambda bdir=bdir: load(bdir / "model")[0])
@@ -167,28 +188,31 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
 
     report: dict[str, Any] = {}
     if main:
-        steps = _step_records(out, mcl_dir, len(experts))
+        steps = _step_records(out, mcl_dir, len(experts), main_name)
+        main_budgets = ({"router_ft_samples": ft["samples"],
+                         "mcl_samples_per_stage": cfg.mcl.train.steps * cfg.mcl.train.global_batch,
+                         "dmu_total_samples": ft["samples"] + (len(experts) - 1) * cfg.mcl.train.steps
+                         * cfg.mcl.train.global_batch}
+                        if experts else {"budget_samples": budget, f"{main_name}_samples": ft["samples"]})
         report = {
             "models": evals.results,
             "data": _data_summary(cfg.data.train, len(train_ds), read_skips, mcl_dir),
             **({"also_val": evals.also_results} if evals.also_results else {}),
             "protocol": cfg.eval_protocol,
+            "construction": cfg.construction,
             "config": to_dict(cfg),
             "timings": {**{k: v["seconds"] for k, v in steps.items()},
                         "this_invocation_wall": round(time.time() - started, 1)},
-            "mcl": [io.read_json(mcl_dir / f"stage_{s}" / "stage.json")["clusters"]
-                    for s in range(1, len(experts))],
-            "expert_distance": [[round(ffn_distance(a, b), 5) for b in experts] for a in experts],
-            "budgets": {"router_ft_samples": ft["samples"],
-                        "mcl_samples_per_stage": cfg.mcl.train.steps * cfg.mcl.train.global_batch,
-                        "dmu_total_samples": ft["samples"] + (len(experts) - 1) * cfg.mcl.train.steps
-                        * cfg.mcl.train.global_batch,
-                        "baseline_budget_rule": bl.budget,
+            **({"mcl": [io.read_json(mcl_dir / f"stage_{s}" / "stage.json")["clusters"]
+                        for s in range(1, len(experts))],
+                "expert_distance": [[round(ffn_distance(a, b), 5) for b in experts] for a in experts]}
+               if experts else {}),
+            "budgets": {**main_budgets, "baseline_budget_rule": bl.budget,
                         **{f"{k}_samples": v["samples"] for k, v in baseline_info.items()}},
         }
-        report["costs"] = model_costs(base, lambda r: _upcycled(base, None, len(experts), cfg, r), cfg,
-                                      len(experts) - 1, len(train_ds),
-                                      {"dmu": ft["samples"], **{k: v["samples"] for k, v in baseline_info.items()}})
+        report["costs"] = model_costs(base, lambda r: _upcycled(base, None, num_experts, cfg, r), cfg,
+                                      max(len(experts) - 1, 0), len(train_ds),
+                                      {main_name: ft["samples"], **{k: v["samples"] for k, v in baseline_info.items()}})
         report.update(_analyse(load(model_dir)[0], preprocess, tokenizer, cfg, evals.results["base"], out, runtime))
         report["plots"] = write_plots(out, evals.results, {k: v["history"] for k, v in steps.items() if v["history"]},
                                       cfg.eval_protocol)
@@ -210,16 +234,17 @@ def _data_summary(train: str, rows: int, read_skips: dict[str, int], mcl_dir: Pa
     return {"train": str(train), "format": data_format(train), "rows": rows, "skipped": dict(sorted(skipped.items()))}
 
 
-def _step_records(out: Path, mcl_dir: Path, num_experts: int) -> dict[str, dict[str, Any]]:
+def _step_records(out: Path, mcl_dir: Path, num_experts: int, main: str = "dmu") -> dict[str, dict[str, Any]]:
     """{step: {seconds, history}} of every training step that ran, read from the files that mark it done (so a
-    resumed run reports the real durations and the whole loss history)."""
+    resumed run reports the real durations and the whole loss history); `num_experts` 0: no MCL stages ran."""
     t: dict[str, dict[str, Any]] = {}
     for s in range(1, num_experts):
         stage = io.read_json(mcl_dir / f"stage_{s}" / "stage.json")
         t[f"mcl_stage_{s}_embed_cluster"] = {"seconds": stage["seconds"]["embed_and_cluster"], "history": []}
         t[f"mcl_stage_{s}_train"] = {"seconds": stage["seconds"]["train"], "history": stage["train"]["history"]}
-    for name, cfg_path in (("router_ft", out / "model"), ("dmu_router_experts", out / "ablations" / "dmu_router_experts"
-                           / "model"), ("upcycle", out / "baselines" / "upcycle" / "model"),
+    for name, cfg_path in (("router_ft" if main == "dmu" else main, out / "model"),
+                           ("dmu_router_experts", out / "ablations" / "dmu_router_experts" / "model"),
+                           ("upcycle", out / "baselines" / "upcycle" / "model"),
                            ("drop_upcycle", out / "baselines" / "drop_upcycle" / "model"),
                            ("dense_ft", out / "baselines" / "dense_ft" / "model")):
         if (cfg_path / "config.json").exists():

@@ -1,6 +1,7 @@
 """report.json -> report.md: the numbers as they are, with the diagnostics that show whether DMU
 did anything (group counts, what the clusters follow, how far apart the experts are, how the
-router uses them). The verdict lines are computed, never written by hand."""
+router uses them). The verdict lines are computed, never written by hand. The main model is `report["construction"]`
+(DMU unless `construction=drop_upcycle`; reports from before that key are DMU's)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from moeclip import io
+from moeclip.pipeline.constructions import BUILT, LABELS
 from moeclip.pipeline.costs import costs_markdown
 
 RETRIEVAL = ["image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10",
@@ -20,10 +22,14 @@ def _pct(x: Any) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     models = report["models"]
+    main = report.get("construction", "dmu")
     factor_names = sorted({f for m in models.values() for f in m.get("factors", {})})
     head = ["model", *[k.replace("image_to_text", "i→t").replace("text_to_image", "t→i") for k in RETRIEVAL],
             *[f"{f} (chance {_pct(next(iter(models.values()))['factors_chance'][f])})" for f in factor_names]]
-    lines = ["# DMU report", "", "Retrieval on the validation split (%), and the per-factor probe "
+    title = ["# DMU report"] if main == "dmu" else [
+        f"# {LABELS[main]} report", "", f"Construction `{main}`: the main model (`{main}`) is {BUILT[main]}. "
+        "`construction=dmu` is the published DMU."]
+    lines = [*title, "", "Retrieval on the validation split (%), and the per-factor probe "
              "(accuracy at telling one factor with every other one right).", "", protocol_line(report), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in models.items():
@@ -34,10 +40,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lost = ", ".join(f"{n} {r}" for r, n in data["skipped"].items()) or "none"
         lines += ["", f"Training data: `{data['train']}` ({data['format']}), {data['rows']} rows; samples skipped: "
                   f"{lost}."]
-    lines += ["", "## Where DMU stands", ""] + verdict(models)
-    lines += ["", "## MCL stages", "", "| stage | joint clusters | accumulated groups | groups after merging "
-              "(merges) | largest / smallest group | image clusters follow (NMI) | text clusters follow (NMI) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", f"## Where {LABELS[main]} stands", ""] + verdict(models, main)
+    if main == "dmu":
+        lines += ["", "## MCL stages", "", "| stage | joint clusters | accumulated groups | groups after merging "
+                  "(merges) | largest / smallest group | image clusters follow (NMI) | text clusters follow (NMI) |",
+                  "|---|---|---|---|---|---|---|"]
     for s, c in enumerate(report.get("mcl", []), start=1):
         lines.append(f"| {s} | {c['num_joint']} | {c['num_accumulated']} | {c['num_groups']} ({c['merged_small_groups']})"
                      f" | {c['group_sizes'][0]} / {c['group_sizes'][-1]} | {_top_nmi(c, 'image')} | {_top_nmi(c, 'text')} |")
@@ -51,8 +58,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     usage = report.get("expert_usage")
     if usage:
         group = report.get("expert_group_by")
-        lines += ["", "## Expert usage of the DMU model (validation, real tokens)", "",
-                  "Load = share of routed slots per expert (e0 = base); CV 0 = balanced."
+        e0 = " (e0 = base)" if main == "dmu" else ""  # Drop-Upcycling re-draws part of every expert
+        lines += ["", f"## Expert usage of the {LABELS[main]} model (validation, real tokens)", "",
+                  f"Load = share of routed slots per expert{e0}; CV 0 = balanced."
                   + (f" MI = mutual information between the `{group}` of a token's sample and its expert choice, "
                      "against the 95th percentile of shuffled labels." if group else ""), "",
                   "| tower | block | load per expert | top-1 share | load CV |" + (" MI bits (null p95) |" if group else ""),
@@ -87,27 +95,29 @@ def protocol_line(report: dict[str, Any]) -> str:
             "images (not comparable with published numbers; `eval_protocol=per_caption` is those).")
 
 
-def verdict(models: dict[str, Any]) -> list[str]:
-    if "dmu" not in models or "base" not in models:
-        return ["(DMU or base missing from this report)"]
-    d = models["dmu"]["mean_R@1"]
-    n = models["dmu"].get("num_images", 0)
+def verdict(models: dict[str, Any], main: str = "dmu") -> list[str]:
+    """The main model (`main`: dmu, or the construction that replaced it) against every other model."""
+    label = LABELS[main]
+    if main not in models or "base" not in models:
+        return [f"({label} or base missing from this report)"]
+    d = models[main]["mean_R@1"]
+    n = models[main].get("num_images", 0)
     # binomial standard error of a difference of two R@1s on n queries per direction, both directions averaged
     noise = 100 * 2 * math.sqrt(max(d * (1 - d), 1e-4) / max(2 * n, 1)) * math.sqrt(2)
     out = []
-    for other in [m for m in models if m != "dmu"]:
+    for other in [m for m in models if m != main]:
         delta = 100 * (d - models[other]["mean_R@1"])
         if abs(delta) < 0.05:
-            out.append(f"- DMU mean R@1 equals `{other}`'s.")
+            out.append(f"- {label} mean R@1 equals `{other}`'s.")
             continue
         word = "above" if delta > 0 else "below"
         flag = "" if abs(delta) >= noise else " (within noise)"
-        out.append(f"- DMU mean R@1 is {abs(delta):.1f} points {word} `{other}`{flag}.")
+        out.append(f"- {label} mean R@1 is {abs(delta):.1f} points {word} `{other}`{flag}.")
     base = models["base"]["mean_R@1"]
     if base < 1:
         removed = 100 * (d - base) / (1 - base)
         note = " (negative: it adds error)." if removed < 0 else " (the target is 25%)."
-        out.append(f"- DMU removes {removed:.0f}% of the base's R@1 error{note}")
+        out.append(f"- {label} removes {removed:.0f}% of the base's R@1 error{note}")
     out.append(f"- One seed, {n} validation images: differences under ~{noise:.1f} points (2 standard errors) "
                "are within noise.")
     return out

@@ -26,6 +26,7 @@ def test_dmu_smoke_end_to_end(tmp_path):
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
+    assert report["construction"] == "dmu"  # the published method unless construction=drop_upcycle
     assert {"base", "mcl_stage_1", "mcl_stage_2", "upcycle", "dense_ft", "dmu", "dmu_router_experts"} \
         == set(report["models"])
     for m in report["models"].values():
