@@ -7,6 +7,7 @@ A row whose runs are missing for some seeds shows how many it has (n); nothing i
 """
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Callable
@@ -40,7 +41,9 @@ def rows_for(prefix: str) -> list[Row]:
     # a construction without runs on this corpus is left out of its table (docs/results.md says which)
     rows += [("DMU + shared expert", _con("shared", prefix), "dmu"),
              ("cluster specialists", _con("specialists", prefix), "dmu"),
-             ("Drop-Upcycling r=0.5 (the default)", _con("drop", prefix), "drop_upcycle")]
+             ("Drop-Upcycling r=0.5 (the default)", _con("drop", prefix), "drop_upcycle"),
+             # construction=drop_upcycle upcycle.shared_expert=true construction_ft.freeze_shared=true
+             ("Drop-Upcycling + frozen shared base expert", _con("drop_frozen_shared", prefix), "drop_upcycle")]
     rows += [("baseline: upcycle", main, "upcycle"), ("baseline: dense_ft", main, "dense_ft")]
     return rows
 
@@ -70,42 +73,100 @@ def _best_baseline(main_report: dict, also: str | None) -> float | None:
     return max(scores) if len(scores) == len(BASELINES) else None
 
 
-def _diversity(report: dict, key: str) -> str:
-    """Closest and farthest pair of routed experts (rel. L2) and the mean load CV of the final model's routers;
-    only the run's own DMU-style model has them."""
-    if key != "dmu" or "expert_distance" not in report:
+MODEL_DIRS = {"dmu": "model", "drop_upcycle": "baselines/drop_upcycle/model", "upcycle": "baselines/upcycle/model",
+              "dmu_router_experts": "ablations/dmu_router_experts/model"}
+
+
+def _weight_distances(model_dir: Path) -> list[float]:
+    """Relative L2 between every pair of routed experts over all MoE layers' FFN weights, read from the saved
+    model (for models whose report has no `expert_distance`: the upcycled baselines and Drop-Upcycling)."""
+    f = model_dir / "model.safetensors"
+    if not f.exists():
+        return []
+    from safetensors.torch import load_file
+    from moeclip.model.ffn import ffn_distance
+    experts: dict[int, dict[str, object]] = {}
+    for name, tensor in load_file(str(f)).items():
+        m = re.search(r"\.mlp\.experts\.(\d+)\.", name)
+        if m:
+            experts.setdefault(int(m.group(1)), {})[name.replace(m.group(0), ".mlp.expert.")] = tensor
+    sets = [experts[e] for e in sorted(experts)]
+    return [ffn_distance(sets[a], sets[b]) for a in range(len(sets)) for b in range(a + 1, len(sets))]
+
+
+def _diversity(report: dict, key: str, run: Path) -> str:
+    """Closest and farthest pair of routed experts (rel. L2) and, for the run's main model, the mean load CV of
+    its routers. DMU's pairs include the base (expert 0); the others' are read from their saved weights."""
+    if key == "dmu" and "expert_distance" in report:
+        d = report["expert_distance"]
+        pairs = [d[a][b] for a in range(len(d)) for b in range(a + 1, len(d))]
+    else:
+        main = report.get("construction", "dmu") == key  # a construction's main model is saved in model/
+        pairs = _weight_distances(run / ("model" if main else MODEL_DIRS[key])) if key in MODEL_DIRS else []
+    if not pairs:
         return "–"
-    d = report["expert_distance"]
-    pairs = [d[a][b] for a in range(len(d)) for b in range(a + 1, len(d))]
-    cv = [u["load_cv"] for u in report.get("expert_usage") or []]
+    main = report.get("construction", "dmu") == key
+    cv = [u["load_cv"] for u in report.get("expert_usage") or []] if main else []
     cv_txt = f"; load CV {statistics.mean(cv):.3f}" if cv else ""
     return f"{100 * min(pairs):.1f}-{100 * max(pairs):.1f}%{cv_txt}"
 
 
-def table(runs: Path, prefix: str, also: str | None = None) -> str:
+def _values(runs: Path, prefix: str, where: Callable[[Path, int], Path], key: str, also: str | None
+            ) -> tuple[list[float], list[float], dict | None, str]:
+    """One row's per-seed scores, margins to the same seed's best baseline, seed-0 costs and diversity."""
     main = _main(prefix)
+    scores, margins, cost, div = [], [], None, "–"
+    for s in SEEDS:
+        rep, base_rep = _report(where(runs, s)), _report(main(runs, s))
+        if rep is None or base_rep is None or _score(rep, key, also) is None:
+            continue
+        scores.append(_score(rep, key, also))
+        best = _best_baseline(base_rep, also)
+        if best is not None:
+            margins.append(scores[-1] - best)
+        cost = cost or rep.get("costs", {}).get(key)
+        if div == "–":
+            div = _diversity(rep, key, where(runs, s))
+    return scores, margins, cost, div
+
+
+def table(runs: Path, prefix: str, also: str | None = None) -> str:
     head = ("| model | n | mean R@1 | − best baseline (same seed) | train samples | train TFLOPs | "
             "MFLOPs / image, caption | experts apart; load CV (seed 0) |")
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for label, where, key in rows_for(prefix):
-        scores, margins, cost, div = [], [], None, "–"
-        for s in SEEDS:
-            rep, base_rep = _report(where(runs, s)), _report(main(runs, s))
-            if rep is None or base_rep is None or _score(rep, key, also) is None:
-                continue
-            scores.append(_score(rep, key, also))
-            best = _best_baseline(base_rep, also)
-            if best is not None:
-                margins.append(scores[-1] - best)
-            cost = cost or rep.get("costs", {}).get(key)
-            if div == "–":
-                div = _diversity(rep, key)
+        scores, margins, c, div = _values(runs, prefix, where, key, also)
         if not scores:
             continue
-        c = cost or {}
         cost_cells = (f"{c['train_samples']:,} | {c['train_flops'] / 1e12:.1f} | "
                       f"{c['image_flops'] / 1e6:.1f}, {c['caption_flops'] / 1e6:.1f}") if c else "– | – | –"
         lines.append(f"| {label} | {len(scores)} | {_ms(scores)} | {_ms(margins, signed=True)} | {cost_cells} | {div} |")
+    return "\n".join(lines) + "\n"
+
+
+# issue 16's targets: (column, corpus prefix, also_val key, the margin to the best baseline a construction needs)
+TARGETS = (("default corpus", "dmu", None, 2.0), ("muted corpus", "muted", None, 2.0),
+           ("adaptation: new domain", "adapt", None, -1.0), ("adaptation: old domain", "adapt", "old", 5.0))
+
+
+def target_table(runs: Path) -> str:
+    """Every construction's margin to the same seed's best baseline in each of issue 16's scenarios, against the
+    target; "yes" only where the mean over the seeds measured reaches it."""
+    labels: dict[str, None] = {}
+    for _, prefix, _, _ in TARGETS:
+        for label, _, key in rows_for(prefix):
+            if key not in ("base", "upcycle", "dense_ft") and not label.startswith("MCL stage"):
+                labels.setdefault(label)
+    head = "| construction | " + " | ".join(f"{c} (target {t:+.0f})" for c, _, _, t in TARGETS) + " |"
+    lines = [head, "|---|" + "---|" * len(TARGETS)]
+    for label in labels:
+        cells = []
+        for _, prefix, also, target in TARGETS:
+            row = next(((w, k) for lab, w, k in rows_for(prefix) if lab == label), None)
+            margins = _values(runs, prefix, *row, also)[1] if row else []
+            met = "yes" if margins and statistics.mean(margins) >= target else "no"
+            cells.append(f"{_ms(margins, signed=True)} (n={len(margins)}, {met})" if margins else "not run")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +214,8 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     runs = Path(args.runs)
-    text = ("## Learning-rate sweep (seed 0, default corpus)\n\n" + sweep_table(runs)
+    text = ("## Against issue 16's targets (margin to the same seed's best baseline, mean ± std)\n\n"
+            + target_table(runs) + "\n## Learning-rate sweep (seed 0, default corpus)\n\n" + sweep_table(runs)
             + "\n## Default corpus\n\n" + table(runs, "dmu")
             + "\n## Muted corpus (its own base)\n\n" + table(runs, "muted")
             + "\n## Adaptation: base-tiny fine-tuned on the muted corpus\n\n" + retention_table(runs))

@@ -23,6 +23,8 @@ def _router_train_default() -> TrainConfig:
 @dataclass
 class MoEFinetuneConfig:
     mode: Literal["router", "router+experts", "full"] = "router"
+    # router+experts: keep a shared expert (upcycle.shared_expert) at the base's weights while the rest trains
+    freeze_shared: bool = False
     lb_coef: float = 0.01
     z_coef: float = 0.0
     train: TrainConfig = field(default_factory=_router_train_default)
@@ -45,7 +47,7 @@ def moe_aux_loss(lb_coef: float, z_coef: float) -> Callable[[nn.Module], tuple[t
 
 def finetune_moe(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, cfg: MoEFinetuneConfig,
                  out_dir: str | Path, runtime: Runtime, seed: int = 0, desc: str = "router FT") -> dict:
-    names = set_trainable(model, cfg.mode)
+    names = set_trainable(model, cfg.mode, cfg.freeze_shared)
     tcfg = TrainConfig(**{**cfg.train.__dict__, "seed": seed})
     return train(model, dataset, tokenizer, tcfg, out_dir, runtime, trainable=names,
                  aux_loss=moe_aux_loss(cfg.lb_coef, cfg.z_coef), desc=desc)

@@ -39,6 +39,11 @@ def test_config_round_trip_and_trainable_modes(tiny_clip):
     assert any(".fusion." in n for n in router) and not any(".shared." in n or ".experts." in n for n in router)
     both = set_trainable(moe, "router+experts")
     assert any(".shared." in n for n in both) and any(".experts." in n for n in both)
+    kept = set_trainable(moe, "router+experts", freeze_shared=True)  # the base's FFN kept as it was
+    assert set(kept) == {n for n in both if ".shared." not in n} and any(".fusion." in n for n in kept)
+    assert not any(p.requires_grad for n, p in moe.named_parameters() if ".shared." in n)
+    with pytest.raises(ValueError, match="freeze_shared"):
+        set_trainable(moe, "full", freeze_shared=True)
 
 
 def test_merge_refuses_shared_expert_layers(tiny_clip):
