@@ -61,13 +61,17 @@ constructions() {  # issue #16's constructions on each default seed's own MCL st
 adaptation() {  # a general CLIP adapted to a new domain: base-tiny (pre-trained on the default corpus) trained on
   # the muted corpus, every model also evaluated on the default corpus's validation set (retention)
   [ -f data/synth/val.csv ] || moeclip synth --out data/synth
-  # plus Drop-Upcycling and a shared expert (the base FFN kept beside the routed ones) on each seed's stages
+  # plus Drop-Upcycling and a shared expert (the base FFN kept beside the routed ones) on each seed's stages, and
+  # Drop-Upcycling beside a frozen copy of the base's FFN
   for s in ${SEEDS:-0 1 2}; do
     $LAUNCH $ADAPT output_dir=runs/adapt_s$s seed=$s baselines.dmu_router_experts=false
     $LAUNCH $ADAPT output_dir=runs/con/adapt_drop_s$s mcl_dir=runs/adapt_s$s/mcl seed=$s $NO_BASELINES \
       baselines.drop_upcycle=true
     $LAUNCH $ADAPT output_dir=runs/con/adapt_shared_s$s mcl_dir=runs/adapt_s$s/mcl seed=$s $NO_BASELINES \
       upcycle.shared_expert=true
+    # Drop-Upcycling with the base's FFN kept frozen beside its experts (no MCL: construction=drop_upcycle)
+    $RECIPE construction=drop_upcycle $ADAPT output_dir=runs/con/adapt_drop_frozen_shared_s$s seed=$s \
+      $NO_BASELINES upcycle.shared_expert=true construction_ft.freeze_shared=true
   done
 }
 
@@ -125,7 +129,7 @@ tables() {
   for a in e2 e3 top1; do agg abl_$a runs/abl/${a}_s{0,1,2}/report.json; done
   agg published runs/dmu_published/report.json
   agg start_prev runs/var/start_prev_s{0,1,2}/report.json
-  for c in zero_router shared drop specialists muted_drop adapt_drop adapt_shared; do agg con_$c runs/con/${c}_s{0,1,2}/report.json; done
+  for c in zero_router shared drop specialists muted_drop adapt_drop adapt_shared adapt_drop_frozen_shared; do agg con_$c runs/con/${c}_s{0,1,2}/report.json; done
   agg adaptation runs/adapt_s{0,1,2}/report.json
 }
 
