@@ -157,16 +157,20 @@ def target_table(runs: Path) -> str:
         for label, _, key in rows_for(prefix):
             if key not in ("base", "upcycle", "dense_ft") and not label.startswith("MCL stage"):
                 labels.setdefault(label)
-    head = "| construction | " + " | ".join(f"{c} (target {t:+.0f})" for c, _, _, t in TARGETS) + " |"
-    lines = [head, "|---|" + "---|" * len(TARGETS)]
+    head = ("| construction | " + " | ".join(f"{c} (target {t:+.0f})" for c, _, _, t in TARGETS)
+            + " | adaptation: both targets |")
+    lines = [head, "|---|" + "---|" * (len(TARGETS) + 1)]
     for label in labels:
-        cells = []
-        for _, prefix, also, target in TARGETS:
+        cells, adapt_met = [], []
+        for column, prefix, also, target in TARGETS:
             row = next(((w, k) for lab, w, k in rows_for(prefix) if lab == label), None)
             margins = _values(runs, prefix, *row, also)[1] if row else []
             met = "yes" if margins and statistics.mean(margins) >= target else "no"
             cells.append(f"{_ms(margins, signed=True)} (n={len(margins)}, {met})" if margins else "not run")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            if column.startswith("adaptation") and margins:
+                adapt_met.append(met == "yes")
+        both = "not run" if not adapt_met else ("yes" if len(adapt_met) == 2 and all(adapt_met) else "no")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {both} |")
     return "\n".join(lines) + "\n"
 
 
