@@ -131,6 +131,8 @@ tables() {
   agg start_prev runs/var/start_prev_s{0,1,2}/report.json
   for c in zero_router shared drop specialists muted_drop adapt_drop adapt_shared adapt_drop_frozen_shared; do agg con_$c runs/con/${c}_s{0,1,2}/report.json; done
   agg adaptation runs/adapt_s{0,1,2}/report.json
+  # issue 16's tables; the archive keeps every run's scores in the repo, since runs/ is not committed
+  python bench/study_tables.py --out docs/study_tables.md --archive docs/study_runs.json > /dev/null
 }
 
 for step in "${@:-default muted ablations constructions adaptation variants published tables}"; do

@@ -1,14 +1,17 @@
 """Issue 16's study tables from the runs bench/dmu_study.sh leaves: every construction against the baselines of
 the same seed, mean +- std over seeds, with training samples and FLOPs, inference FLOPs and the expert diversity.
 
-    python bench/study_tables.py [--runs runs] [--out docs/study_tables.md]
+    python bench/study_tables.py [--runs runs] [--out docs/study_tables.md] [--archive docs/study_runs.json]
 
 A row whose runs are missing for some seeds shows how many it has (n); nothing is filled in or extrapolated.
+--archive keeps a slim copy of every run's report (scores, costs, expert distances) in the repo and reads a run
+from it when runs/ no longer holds it: runs/ is not committed, and a lost runs/ folder once took the tables with it.
 """
 import argparse
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -48,9 +51,42 @@ def rows_for(prefix: str) -> list[Row]:
     return rows
 
 
+ARCHIVE: dict[str, dict] = {}  # run folder relative to --runs -> slim report (see _slim)
+RUNS_ROOT = [Path("runs")]  # --runs, the folder ARCHIVE's keys are relative to
+
+
 def _report(path: Path) -> dict | None:
     f = path / "report.json"
-    return json.loads(f.read_text()) if f.exists() else None
+    if f.exists():
+        return json.loads(f.read_text())
+    return ARCHIVE.get(path.relative_to(RUNS_ROOT[0]).as_posix()) if path.is_relative_to(RUNS_ROOT[0]) else None
+
+
+def _slim(report: dict, run: Path) -> dict:
+    """What the tables read from a run, small enough to commit: mean R@1 per model and validation set, costs,
+    construction, DMU's expert distances, router load CV, and the other MoEs' weight distances."""
+    def scores(models: dict) -> dict:
+        return {k: {"mean_R@1": v["mean_R@1"]} for k, v in models.items() if "mean_R@1" in v}
+    slim = {"models": scores(report["models"]),
+            "also_val": {name: scores(m) for name, m in report.get("also_val", {}).items()},
+            "costs": report.get("costs", {}), "construction": report.get("construction", "dmu"),
+            "expert_usage": [{"load_cv": u["load_cv"]} for u in report.get("expert_usage") or []]}
+    if "expert_distance" in report:
+        slim["expert_distance"] = report["expert_distance"]
+    weights = {}
+    for key in MODEL_DIRS:
+        pairs = _weight_distances(run / ("model" if slim["construction"] == key else MODEL_DIRS[key]))
+        if pairs:
+            weights[key] = pairs
+    slim["weight_distances"] = weights
+    return slim
+
+
+def archive(runs: Path, path: Path) -> None:
+    """Adds every run under `runs` with a report to the archive file (a run on disk replaces its old entry)."""
+    for f in sorted(runs.glob("**/report.json")):
+        ARCHIVE[f.parent.relative_to(runs).as_posix()] = _slim(json.loads(f.read_text()), f.parent)
+    path.write_text(json.dumps(ARCHIVE, indent=1, sort_keys=True) + "\n")
 
 
 def _ms(values: list[float], signed: bool = False) -> str:
@@ -100,6 +136,8 @@ def _diversity(report: dict, key: str, run: Path) -> str:
     if key == "dmu" and "expert_distance" in report:
         d = report["expert_distance"]
         pairs = [d[a][b] for a in range(len(d)) for b in range(a + 1, len(d))]
+    elif key in report.get("weight_distances", {}):  # an archived run (its weights are not on disk)
+        pairs = report["weight_distances"][key]
     else:
         main = report.get("construction", "dmu") == key  # a construction's main model is saved in model/
         pairs = _weight_distances(run / ("model" if main else MODEL_DIRS[key])) if key in MODEL_DIRS else []
@@ -184,7 +222,8 @@ def sweep_table(runs: Path) -> str:
               ("baseline: dense_ft", "dense_ft", {1e-4: centre}, "dense"),
               ("Drop-Upcycling r=0.5", "drop_upcycle", {}, "drop")]
     for _, _, by_lr, name in points:  # every runs/sweep/NAME_lrX point there is, beside the centre points above
-        for d in sweep.glob(f"{name}_lr*"):
+        archived = [runs / k for k in ARCHIVE if k.startswith(f"sweep/{name}_lr")]
+        for d in [*sweep.glob(f"{name}_lr*"), *archived]:
             by_lr.setdefault(float(d.name.split("_lr")[1]), d)
     lines = ["| trained model | lr | dev mean R@1 (picks) | val mean R@1 |", "|---|---|---|---|"]
     for label, key, by_lr, _ in points:
@@ -216,9 +255,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--out")
+    ap.add_argument("--archive", help="JSON file of slim reports: read for runs missing here, then updated")
     args = ap.parse_args()
     runs = Path(args.runs)
-    text = ("## Against issue 16's targets (margin to the same seed's best baseline, mean ± std)\n\n"
+    RUNS_ROOT[0] = runs
+    if args.archive:
+        if Path(args.archive).exists():
+            ARCHIVE.update(json.loads(Path(args.archive).read_text()))
+        archive(runs, Path(args.archive))
+    text = (f"# Study tables (generated: `python bench/study_tables.py {' '.join(sys.argv[1:])}`)\n\n"
+            "## Against issue 16's targets (margin to the same seed's best baseline, mean ± std)\n\n"
             + target_table(runs) + "\n## Learning-rate sweep (seed 0, default corpus)\n\n" + sweep_table(runs)
             + "\n## Default corpus\n\n" + table(runs, "dmu")
             + "\n## Muted corpus (its own base)\n\n" + table(runs, "muted")
