@@ -170,7 +170,7 @@ def _values(runs: Path, prefix: str, where: Callable[[Path, int], Path], key: st
 
 def table(runs: Path, prefix: str, also: str | None = None) -> str:
     head = ("| model | n | mean R@1 | − best baseline (same seed) | train samples | train TFLOPs | "
-            "MFLOPs / image, caption | experts apart; load CV (seed 0) |")
+            "MFLOPs / image, caption | experts apart; load CV (first seed run) |")
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for label, where, key in rows_for(prefix):
         scores, margins, c, div = _values(runs, prefix, where, key, also)
