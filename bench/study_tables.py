@@ -73,12 +73,8 @@ def _slim(report: dict, run: Path) -> dict:
             "expert_usage": [{"load_cv": u["load_cv"]} for u in report.get("expert_usage") or []]}
     if "expert_distance" in report:
         slim["expert_distance"] = report["expert_distance"]
-    weights = {}
-    for key in MODEL_DIRS:
-        pairs = _weight_distances(run / ("model" if slim["construction"] == key else MODEL_DIRS[key]))
-        if pairs:
-            weights[key] = pairs
-    slim["weight_distances"] = weights
+    pairs = {key: _weight_distances(_model_dir(report, key, run)) for key in MODEL_DIRS}
+    slim["weight_distances"] = {key: p for key, p in pairs.items() if p}
     return slim
 
 
@@ -113,6 +109,11 @@ MODEL_DIRS = {"dmu": "model", "drop_upcycle": "baselines/drop_upcycle/model", "u
               "dmu_router_experts": "ablations/dmu_router_experts/model"}
 
 
+def _model_dir(report: dict, key: str, run: Path) -> Path:
+    """Where a run saved model `key`: a construction's main model is in model/, the others in MODEL_DIRS."""
+    return run / ("model" if report.get("construction", "dmu") == key else MODEL_DIRS[key])
+
+
 def _weight_distances(model_dir: Path) -> list[float]:
     """Relative L2 between every pair of routed experts over all MoE layers' FFN weights, read from the saved
     model (for models whose report has no `expert_distance`: the upcycled baselines and Drop-Upcycling)."""
@@ -139,8 +140,7 @@ def _diversity(report: dict, key: str, run: Path) -> str:
     elif key in report.get("weight_distances", {}):  # an archived run (its weights are not on disk)
         pairs = report["weight_distances"][key]
     else:
-        main = report.get("construction", "dmu") == key  # a construction's main model is saved in model/
-        pairs = _weight_distances(run / ("model" if main else MODEL_DIRS[key])) if key in MODEL_DIRS else []
+        pairs = _weight_distances(_model_dir(report, key, run)) if key in MODEL_DIRS else []
     if not pairs:
         return "–"
     main = report.get("construction", "dmu") == key
