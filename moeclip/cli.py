@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_layout_commands(sub)
     from moeclip.compress import add_commands as add_compress_commands
     add_compress_commands(sub)
+    from moeclip.wise_ft import add_command as add_wise_ft_command
+    add_wise_ft_command(sub)
 
     from moeclip.analysis.commands import add_commands as add_analysis_commands
     from moeclip.search.commands import add_commands as add_search_commands
