@@ -16,6 +16,19 @@ from moeclip.data.synth import SynthSpec, write_corpus
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def load_bench():
+    """Imports a bench/ script as a module (bench/ is not a package): load_bench("study_tables")."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("corpus")

@@ -1,18 +1,8 @@
 """bench/study_tables.py: margins are taken to the same seed's better baseline, and the tables come out the same
 from the committed archive once runs/ is gone (runs/ is not in git; a lost runs/ once took the study with it)."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("study_tables", REPO / "bench" / "study_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(run: Path, scores: dict[str, float], old: dict[str, float] | None = None) -> None:
@@ -26,8 +16,8 @@ def _write(run: Path, scores: dict[str, float], old: dict[str, float] | None = N
     (run / "report.json").write_text(json.dumps(report))
 
 
-def test_margins_per_seed_and_archive_round_trip(tmp_path):
-    st = _load()
+def test_margins_per_seed_and_archive_round_trip(tmp_path, load_bench):
+    st = load_bench("study_tables")
     runs = tmp_path / "runs"
     # seed 0: dense_ft is the better baseline; seed 1: upcycle is
     _write(runs / "dmu_s0", {"base": 0.60, "dmu": 0.62, "upcycle": 0.65, "dense_ft": 0.66})
