@@ -6,7 +6,7 @@
 # run takes ~13-15 min on 2 CPU cores, a construction on reused stages ~3-7; run one at a time (on this machine
 # two runs side by side go no faster than one after the other).
 #
-#   bash bench/dmu_study.sh [default|muted|ablations|constructions|adaptation|sweep|variants|published|tables]...   (no argument: all)
+#   bash bench/dmu_study.sh [default|muted|ablations|constructions|adaptation|wise_ft|sweep|variants|published|tables]...   (no argument: all)
 #   SEEDS="0" bash bench/dmu_study.sh constructions    (only seed 0's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -105,6 +105,22 @@ sweep() {  # the small learning-rate sweep (seed 0, default corpus): each traine
     $LAUNCH output_dir=runs/sweep/drop_lr$lr mcl_dir=$c/mcl $PRE $NO_BASELINES baselines.drop_upcycle=true \
       baselines.drop_upcycle_lr=$lr $dev
   done
+  # added 2026-12-07: Drop-Upcycling past its edge (1e-2) and at r = 0.25, as the default construction (no MCL),
+  # beside its 3e-3 pick on the same path (run twice: a check that a run repeats)
+  for spec in lr3e-3:construction_ft.train.lr=3e-3 lr1e-2:construction_ft.train.lr=1e-2 \
+              "r0.25_lr3e-3:construction_ft.train.lr=3e-3 upcycle.drop_ratio=0.25" lr3e-3_rerun:construction_ft.train.lr=3e-3; do
+    $RECIPE construction=drop_upcycle output_dir=runs/sweep/drop_${spec%%:*} seed=0 $NO_BASELINES ${spec#*:} $dev
+  done
+}
+
+wise_ft() {  # WiSE-FT of every adapted model (bench/wise_ft.py, docs/results.md §4b), after `adaptation`
+  for s in ${SEEDS:-0 1 2}; do
+    python bench/wise_ft.py --label s$s --base checkpoints/base-tiny \
+      --model dmu=runs/adapt_s$s/model upcycle=runs/adapt_s$s/baselines/upcycle/model \
+              dense_ft=runs/adapt_s$s/baselines/dense_ft/model \
+              drop_upcycle=runs/con/adapt_drop_s$s/baselines/drop_upcycle/model \
+      --data new=data/synth_muted/val.csv old=data/synth/val.csv --json docs/wise_ft.json --out docs/wise_ft.md
+  done
 }
 
 pretrain_muted() {  # the muted corpus's own base
@@ -135,6 +151,6 @@ tables() {
   python bench/study_tables.py --out docs/study_tables.md --archive docs/study_runs.json > /dev/null
 }
 
-for step in "${@:-default muted ablations constructions adaptation variants published tables}"; do
+for step in "${@:-default muted ablations constructions adaptation wise_ft variants published tables}"; do
   for s in $step; do "$s"; done
 done

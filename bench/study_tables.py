@@ -220,11 +220,14 @@ def sweep_table(runs: Path) -> str:
               ("MCL stages (DMU)", "dmu", {1e-4: centre}, "mcl"),
               ("baseline: upcycle", "upcycle", {1e-4: centre}, "upcycle"),
               ("baseline: dense_ft", "dense_ft", {1e-4: centre}, "dense"),
-              ("Drop-Upcycling r=0.5", "drop_upcycle", {}, "drop")]
+              ("Drop-Upcycling r=0.5", "drop_upcycle", {}, "drop"),
+              ("Drop-Upcycling r=0.25", "drop_upcycle", {}, "drop_r0.25")]
     for _, _, by_lr, name in points:  # every runs/sweep/NAME_lrX point there is, beside the centre points above
         archived = [runs / k for k in ARCHIVE if k.startswith(f"sweep/{name}_lr")]
         for d in [*sweep.glob(f"{name}_lr*"), *archived]:
-            by_lr.setdefault(float(d.name.split("_lr")[1]), d)
+            point = re.fullmatch(rf"{re.escape(name)}_lr([0-9.e+-]+)", d.name)  # not NAME_lrX_rerun: a repeat
+            if point:
+                by_lr.setdefault(float(point.group(1)), d)
     lines = ["| trained model | lr | dev mean R@1 (picks) | val mean R@1 |", "|---|---|---|---|"]
     for label, key, by_lr, _ in points:
         scored = []

@@ -13,7 +13,8 @@ validation sets are the reported ones. alpha = 0 is the base for every model, so
                 drop_upcycle=runs/con/adapt_drop_s0/baselines/drop_upcycle/model \
         --data new=data/synth_muted/val.csv old=data/synth/val.csv --json docs/wise_ft.json --out docs/wise_ft.md
 
-Each call adds (or replaces) one label's scores in the JSON and rewrites the table from every label in it.
+Each call adds (or replaces) one label's scores per model and alpha in the JSON and rewrites the table from every
+label in it.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import moeclip
 from moeclip.eval.evaluate import evaluate
 from moeclip.moe.interpolate import interpolate_with_base
 
-ALPHAS = (0.25, 0.5, 0.75, 1.0)  # 0 is the base itself for every model (tests/moe/test_interpolate.py)
+ALPHAS = (0.25, 0.5, 0.75, 0.9, 1.0)  # 0 is the base itself for every model (tests/moe/test_interpolate.py)
 BASELINES = ("upcycle", "dense_ft")
 
 
@@ -77,7 +78,7 @@ def table(results: dict[str, dict]) -> str:
              "| model | alpha | " + " | ".join(f"{s} | {s} margin" for s in sets) + " |",
              "|---|---|" + "---|---|" * len(sets)]
     for name in first:
-        for alpha in first[name]:
+        for alpha in sorted(first[name], key=float):
             cells = []
             for s in sets:
                 vals = [results[lb][name][alpha][s] for lb in labels]
@@ -105,7 +106,8 @@ def main() -> None:
     torch.manual_seed(0)
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.exists() else {}
-    results[args.label] = score(args.base, models, data, args.alphas, args.batch)
+    for name, by_alpha in score(args.base, models, data, args.alphas, args.batch).items():
+        results.setdefault(args.label, {}).setdefault(name, {}).update(by_alpha)  # more alphas add to a label
     path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     text = table(results)
     if args.out:
