@@ -237,7 +237,7 @@ def sweep_table(runs: Path) -> str:
                 continue
             scored.append((lr, _score(rep, key, "dev"), _score(rep, key, None)))
         with_dev = [p for p in scored if p[1] is not None]
-        best = max(with_dev, key=lambda p: p[1])[0] if with_dev else None
+        best = max(with_dev, key=lambda p: p[1])[0] if len(with_dev) > 1 else None  # one point picks nothing
         for lr, dev, val in scored:
             mark = " **(best)**" if lr == best else ""
             lr_txt = f"{lr:.0e}".replace("e-0", "e-")
