@@ -182,6 +182,16 @@ def perturbed_moe(tokens: int, d: int, experts: int, top_k: int, profile: list[f
 # The trained DMU model's routing (runs/dmu/model, 256 val images + captions, measured 2026-11-22):
 # per-layer expert loads sorted high to low, averaged over its 8 MoE layers, and its most skewed layer.
 # bench/moe_layer.py re-measures them when that model exists.
+def mean_std(values: list[float], signed: bool = False) -> str:
+    """A table cell: "mean ± sample std" over seeds, the value alone for one seed, "–" for none."""
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.1f}"
+
+
 RECORDED_PROFILES = {"dmu-mean": [0.395, 0.246, 0.212, 0.147], "dmu-worst": [0.479, 0.217, 0.186, 0.118]}
 
 

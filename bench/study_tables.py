@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from common import mean_std  # bench/common.py: "mean ± std" cells, shared with wise_ft.py
+
 SEEDS = (0, 1, 2)
 BASELINES = ("upcycle", "dense_ft")
 # (label, run folder for a seed, model key in that run's report.json); the run folder's baselines are the seed's
@@ -83,15 +85,6 @@ def archive(runs: Path, path: Path) -> None:
     for f in sorted(runs.glob("**/report.json")):
         ARCHIVE[f.parent.relative_to(runs).as_posix()] = _slim(json.loads(f.read_text()), f.parent)
     path.write_text(json.dumps(ARCHIVE, indent=1, sort_keys=True) + "\n")
-
-
-def _ms(values: list[float], signed: bool = False) -> str:
-    fmt = "{:+.1f}" if signed else "{:.1f}"
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.1f}"
 
 
 def _score(report: dict, key: str, also: str | None) -> float | None:
@@ -178,7 +171,7 @@ def table(runs: Path, prefix: str, also: str | None = None) -> str:
             continue
         cost_cells = (f"{c['train_samples']:,} | {c['train_flops'] / 1e12:.1f} | "
                       f"{c['image_flops'] / 1e6:.1f}, {c['caption_flops'] / 1e6:.1f}") if c else "– | – | –"
-        lines.append(f"| {label} | {len(scores)} | {_ms(scores)} | {_ms(margins, signed=True)} | {cost_cells} | {div} |")
+        lines.append(f"| {label} | {len(scores)} | {mean_std(scores)} | {mean_std(margins, signed=True)} | {cost_cells} | {div} |")
     return "\n".join(lines) + "\n"
 
 
@@ -204,7 +197,7 @@ def target_table(runs: Path) -> str:
             row = next(((w, k) for lab, w, k in rows_for(prefix) if lab == label), None)
             margins = _values(runs, prefix, *row, also)[1] if row else []
             met = "yes" if margins and statistics.mean(margins) >= target else "no"
-            cells.append(f"{_ms(margins, signed=True)} (n={len(margins)}, {met})" if margins else "not run")
+            cells.append(f"{mean_std(margins, signed=True)} (n={len(margins)}, {met})" if margins else "not run")
             if column.startswith("adaptation") and margins:
                 adapt_met.append(met == "yes")
         both = "not run" if not adapt_met else ("yes" if len(adapt_met) == 2 and all(adapt_met) else "no")

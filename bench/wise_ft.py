@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
+
+from common import mean_std  # bench/common.py: the study tables' cell format
 
 import moeclip
 from moeclip.eval.evaluate import evaluate
@@ -63,10 +64,6 @@ def score(base_dir: str, models: dict[str, str], data: dict[str, str], alphas: l
     return out
 
 
-def _ms(values: list[float]) -> str:
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
-
-
 def table(results: dict[str, dict]) -> str:
     """Mean ± std over labels (seeds) per model and alpha, with each cell's margin over the same seed's better
     fine-tuned baseline (alpha 1) on that data set."""
@@ -83,8 +80,7 @@ def table(results: dict[str, dict]) -> str:
             for s in sets:
                 vals = [results[lb][name][alpha][s] for lb in labels]
                 best = [max(results[lb][b]["1"][s] for b in BASELINES if b in results[lb]) for lb in labels]
-                margins = [v - b for v, b in zip(vals, best)]
-                cells += [_ms(vals), ("+" if statistics.mean(margins) >= 0 else "") + _ms(margins)]
+                cells += [mean_std(vals), mean_std([v - b for v, b in zip(vals, best)], signed=True)]
             lines.append(f"| {name} | {alpha} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

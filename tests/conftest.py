@@ -17,9 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def load_bench():
-    """Imports a bench/ script as a module (bench/ is not a package): load_bench("study_tables")."""
+def load_bench(monkeypatch):
+    """Imports a bench/ script as a module (bench/ is not a package): load_bench("study_tables"). bench/ goes on
+    sys.path, as when the script runs, so its `from common import ...` resolves."""
     import importlib.util
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
 
     def load(name: str):
         spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
