@@ -66,15 +66,17 @@ def _report(path: Path) -> dict | None:
 
 def _slim(report: dict, run: Path) -> dict:
     """What the tables read from a run, small enough to commit: mean R@1 per model and validation set, costs,
-    construction, DMU's expert distances, router load CV, and the other MoEs' weight distances."""
+    construction, DMU's expert distances, router load CV, the other MoEs' weight distances, and the environment
+    (machine, versions, commit) where the report has one."""
     def scores(models: dict) -> dict:
         return {k: {"mean_R@1": v["mean_R@1"]} for k, v in models.items() if "mean_R@1" in v}
     slim = {"models": scores(report["models"]),
             "also_val": {name: scores(m) for name, m in report.get("also_val", {}).items()},
             "costs": report.get("costs", {}), "construction": report.get("construction", "dmu"),
             "expert_usage": [{"load_cv": u["load_cv"]} for u in report.get("expert_usage") or []]}
-    if "expert_distance" in report:
-        slim["expert_distance"] = report["expert_distance"]
+    for key in ("expert_distance", "environment"):  # the machine and commit: reports from 2026-12-07 on
+        if key in report:
+            slim[key] = report[key]
     pairs = {key: _weight_distances(_model_dir(report, key, run)) for key in MODEL_DIRS}
     slim["weight_distances"] = {key: p for key, p in pairs.items() if p}
     return slim

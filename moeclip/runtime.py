@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import platform
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,20 @@ class Runtime:
     def precision(self) -> str:
         return next(k for k, v in DTYPES.items() if v == self.autocast_dtype)
 
+    def describe(self) -> dict[str, Any]:
+        """What the numbers were computed on. Float results move with the processor's kernels (a CPU with AVX-512
+        takes other MKL/oneDNN paths than one without), so a report that does not repeat on another day can be
+        checked against the machine before anything else is suspected."""
+        info: dict[str, Any] = {"device": str(self.device), "precision": self.precision,
+                                "world_size": self.world_size, "torch": torch.__version__,
+                                "threads": torch.get_num_threads(), "python": platform.python_version()}
+        if self.device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(self.device)
+        else:
+            info["cpu"] = _cpu_model()
+            info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        return info
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for inference passes (embedding, evaluation, analysis); a no-op in full precision."""
         if self.autocast_dtype is None:
@@ -100,3 +115,12 @@ class Runtime:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+
+def _cpu_model() -> str:
+    """The processor's name as Linux reports it (platform.processor() is empty there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()

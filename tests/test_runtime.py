@@ -75,3 +75,21 @@ def test_local_runtime_and_autocast():
     with pytest.raises(ValueError, match="precision"):
         Runtime.local("cpu", "fp8")
     assert Runtime.local().device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_describe_names_the_machine_the_numbers_came_from():
+    info = Runtime.local("cpu").describe()
+    assert info["device"] == "cpu" and info["precision"] == "no" and info["torch"] == torch.__version__
+    assert info["threads"] == torch.get_num_threads() >= 1
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(info["cpu"], str) and "gpu" not in info
+
+
+def test_environment_adds_the_code_revision(tmp_path, monkeypatch):
+    from moeclip.pipeline.common import environment
+    info = environment(Runtime.local("cpu"))
+    assert info["moeclip"] and info["device"] == "cpu"
+    if "commit" in info:  # a git checkout (CI's clean clone is one)
+        assert len(info["commit"]) == 40 and isinstance(info["uncommitted_changes"], bool)
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
+    assert "commit" not in environment(Runtime.local("cpu"))  # no git: still a report, without the revision

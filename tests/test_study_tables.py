@@ -9,7 +9,8 @@ def _write(run: Path, scores: dict[str, float], old: dict[str, float] | None = N
     cost = {"train_samples": 134400, "train_flops": 2e13, "image_flops": 4.5e7, "caption_flops": 1.3e7}
     report = {"models": {k: {"mean_R@1": v} for k, v in scores.items()}, "costs": {k: cost for k in scores},
               "construction": "dmu", "expert_distance": [[0.0, 0.03], [0.03, 0.0]],
-              "expert_usage": [{"load_cv": 0.1}, {"load_cv": 0.3}]}
+              "expert_usage": [{"load_cv": 0.1}, {"load_cv": 0.3}],
+              "environment": {"cpu": "AMD EPYC", "cpu_capability": "AVX512", "commit": "0" * 40}}
     if old:
         report["also_val"] = {"old": {k: {"mean_R@1": v} for k, v in old.items()}}
     run.mkdir(parents=True)
@@ -42,5 +43,6 @@ def test_margins_per_seed_and_archive_round_trip(tmp_path, load_bench):
     st.ARCHIVE.clear()
     assert st.table(runs, "dmu").count("\n") == 2  # nothing on disk, nothing archived: header only
     st.ARCHIVE.update(json.loads(archive.read_text()))
+    assert st.ARCHIVE["dmu_s0"]["environment"]["cpu_capability"] == "AVX512"  # kept: where a run came from
     assert st.target_table(runs) == targets
     assert st.table(runs, "dmu") == default and st.retention_table(runs) == adapt

@@ -2,15 +2,36 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 from pathlib import Path
 
 from torch import nn
 
 from moeclip.data.synth import SynthSpec, write_corpus
+from moeclip.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+
+def environment(runtime: Runtime) -> dict[str, Any]:
+    """The machine, library versions and code revision a report's numbers came from (report.json
+    `environment`): two runs of one config repeat to the last digit on one machine, not across machines."""
+    import moeclip
+    info = {**runtime.describe(), "moeclip": moeclip.__version__}
+    root = Path(moeclip.__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return info
+    if rev.returncode == 0:
+        info["commit"] = rev.stdout.strip()
+        info["uncommitted_changes"] = bool(dirty.stdout.strip())
+    return info
 
 
 @dataclass

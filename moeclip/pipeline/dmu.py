@@ -27,7 +27,7 @@ from moeclip.loader import load, save_model_dir
 from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
 from moeclip.moe import upcycle
 from moeclip.moe.router import DEFAULT_ROUTER_INIT_STD
-from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, load_base, open_train_data
+from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, environment, load_base, open_train_data
 from moeclip.pipeline.constructions import check_construction, construction_ft, construction_ft_default, dmu_budget
 from moeclip.pipeline.costs import model_costs
 from moeclip.pipeline.evaluator import Evaluator
@@ -201,6 +201,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
             "protocol": cfg.eval_protocol,
             "construction": cfg.construction,
             "config": to_dict(cfg),
+            "environment": environment(runtime),
             "timings": {**{k: v["seconds"] for k, v in steps.items()},
                         "this_invocation_wall": round(time.time() - started, 1)},
             **({"mcl": [io.read_json(mcl_dir / f"stage_{s}" / "stage.json")["clusters"]

@@ -19,7 +19,7 @@ from moeclip import io
 from moeclip.config import ConfigError, to_dict
 from moeclip.loader import CLIP_MOE_SUFFIXES, load, save_model_dir
 from moeclip.moe import moe_layers
-from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, load_base, open_train_data
+from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, environment, load_base, open_train_data
 from moeclip.pipeline.evaluator import Evaluator
 from moeclip.train.dist import DistributedConfig, make_runtime
 from moeclip.train.moe_finetune import MoEFinetuneConfig, finetune_moe
@@ -97,6 +97,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if runtime.is_main:
         report = make_report(evals.results["before"], evals.results["after"], cfg,
                              io.read_json(model_dir / "config.json").get("finetune", {}), time.time() - started)
+        report["environment"] = environment(runtime)
         write_report(out, report)
     eval_log.close()
     runtime.barrier()

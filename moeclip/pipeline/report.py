@@ -81,6 +81,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Budgets (training samples) and timings (seconds, when each step ran)", "",
               "| item | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in {**report.get("budgets", {}), **report.get("timings", {})}.items()]
+    env = report.get("environment")
+    if env:
+        lines += ["", "## Environment", "", "Floats repeat to the last digit only on the same machine and code; "
+                  "compare reports from different days here first.", "",
+                  ", ".join(f"{k} `{v}`" for k, v in env.items())]
     lines.append("")
     return "\n".join(lines)
 

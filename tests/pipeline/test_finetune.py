@@ -56,6 +56,7 @@ def test_finetune_recipe_reports_and_resumes(tmp_path, corpus):
     report = json.loads((out / "report.json").read_text())
     assert report["finetune"]["steps"] == 4 and report["finetune"]["mode"] == "router+experts"
     assert report["finetune"]["skipped"] == {"no image path": 1}
+    assert report["environment"]["device"] == "cpu" and report["environment"]["world_size"] == 1
     delta = report["after"]["mean_R@1"] - report["before"]["mean_R@1"]
     assert report["change"]["mean_R@1"] == pytest.approx(delta, abs=1e-6)
     assert report["better"] == ("after" if delta > 0 else "before" if delta < 0 else "tie")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,6 +44,9 @@ def test_dmu_smoke_end_to_end(tmp_path):
     assert costs["dmu_router_experts"]["train_flops"] > costs["dmu"]["train_flops"] > 0
     md = (out / "report.md").read_text()
     assert md.startswith("# DMU report") and "Protocol `per_caption`" in md
+    env_info = report["environment"]  # what a number that does not repeat elsewhere is checked against first
+    assert env_info["device"] == "cpu" and env_info["torch"] == torch.__version__ and env_info["world_size"] == 1
+    assert env_info["cpu_capability"] and "## Environment" in md and f"torch `{torch.__version__}`" in md
     assert report["protocol"] == "per_caption" and {m["protocol"] for m in report["models"].values()} == {"per_caption"}
     # the plots report.md shows exist (loss curves, stage-by-stage metrics, the expert-load heatmaps)
     pictures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
