@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 def environment(runtime: Runtime) -> dict[str, Any]:
     """The machine, library versions and code revision a report's numbers came from (report.json
-    `environment`): two runs of one config repeat to the last digit on one machine, not across machines."""
+    `environment`): a run repeats to the last digit on one machine; when one does not repeat another day's,
+    this is what to compare first."""
     import moeclip
     info = {**runtime.describe(), "moeclip": moeclip.__version__}
     root = Path(moeclip.__file__).resolve().parent.parent

@@ -83,8 +83,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {k} | {v} |" for k, v in {**report.get("budgets", {}), **report.get("timings", {})}.items()]
     env = report.get("environment")
     if env:
-        lines += ["", "## Environment", "", "Floats repeat to the last digit only on the same machine and code; "
-                  "compare reports from different days here first.", "",
+        lines += ["", "## Environment", "", "The machine and code these numbers came from: when a run does not "
+                  "repeat another day's, compare this first.", "",
                   ", ".join(f"{k} `{v}`" for k, v in env.items())]
     lines.append("")
     return "\n".join(lines)
