@@ -109,6 +109,7 @@ class DMUConfig:
 
 def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     runtime = make_runtime(cfg.distributed)
+    env = environment(runtime)  # at the start: the code that trains, not whatever is checked out at the end
     main = runtime.is_main
     out = Path(cfg.output_dir)
     started = time.time()
@@ -201,7 +202,7 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
             "protocol": cfg.eval_protocol,
             "construction": cfg.construction,
             "config": to_dict(cfg),
-            "environment": environment(runtime),
+            "environment": env,
             "timings": {**{k: v["seconds"] for k, v in steps.items()},
                         "this_invocation_wall": round(time.time() - started, 1)},
             **({"mcl": [io.read_json(mcl_dir / f"stage_{s}" / "stage.json")["clusters"]

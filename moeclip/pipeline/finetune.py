@@ -50,6 +50,7 @@ class FinetuneConfig:
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Returns the report (on rank 0; {} on the others, or when stopped early by finetune.train.stop_at)."""
     runtime = make_runtime(cfg.distributed)
+    env = environment(runtime)  # at the start: the code that trains
     out = Path(cfg.output_dir)
     started = time.time()
     configure(runtime.trainer, cfg.logging, out)
@@ -97,7 +98,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if runtime.is_main:
         report = make_report(evals.results["before"], evals.results["after"], cfg,
                              io.read_json(model_dir / "config.json").get("finetune", {}), time.time() - started)
-        report["environment"] = environment(runtime)
+        report["environment"] = env
         write_report(out, report)
     eval_log.close()
     runtime.barrier()
