@@ -3,8 +3,8 @@
 docs/results.md §1 found one seed's scores 0.3 apart between two runs that train the same model with the same
 settings, one after other training in its process and one not. This trains the `dense_ft` baseline the way
 recipes/dmu.py does (moeclip.pipeline.dmu's own steps, on a short budget) first in a fresh process, then again
-after each kind of earlier work a recipe does (another dense fine-tuning, a Drop-Upcycling MoE fine-tuning, draws
-from the global RNG), and compares the weights bit for bit. The JSON keeps the machine and commit beside the
+after each kind of earlier work a recipe does (another dense fine-tuning, a Drop-Upcycling MoE fine-tuning, MCL's
+corpus embedding and k-means, an evaluation pass, draws from the global RNG), and compares the weights bit for bit. The JSON keeps the machine and commit beside the
 answer: a difference that shows up only across machines is not an order effect.
 
     python bench/repeat_check.py [--steps 20] [--out docs/repeat_check.json]
@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 
 from moeclip.config import parse_recipe_args
+from moeclip.eval.evaluate import evaluate
+from moeclip.mcl.cluster import kmeans
+from moeclip.mcl.embed import embed_corpus
 from moeclip.pipeline.common import ensure_data, environment, load_base, open_train_data
 from moeclip.pipeline.constructions import construction_ft
 from moeclip.pipeline.dmu import DMUConfig, _dense_ft_once, _finetune_once, _upcycled  # the recipe's own steps
@@ -74,6 +77,14 @@ def main() -> None:
         checks["after_other_dense_ft"] = dense("after_other_dense")
         moe("moe")
         checks["after_drop_upcycling_ft"] = dense("after_moe")
+        img, txt, _ = embed_corpus(copy.deepcopy(base), ds, tokenizer, Path(tmp) / "features", runtime,
+                                   cfg.mcl.embed_batch, num_workers=cfg.mcl.train.num_workers)
+        k = max(2, len(img) // cfg.mcl.group_size) if cfg.mcl.group_size else cfg.mcl.k_img  # as MCL picks k
+        kmeans(img.astype("float32"), k, cfg.seed)
+        checks["after_mcl_embedding_and_kmeans"] = dense("after_mcl")
+        evaluate(base, preprocess, tokenizer, cfg.data.val, batch_size=cfg.eval_batch, runtime=runtime,
+                 progress=False, protocol=cfg.eval_protocol)
+        checks["after_evaluation"] = dense("after_eval")
         torch.rand(12345)
         checks["after_global_rng_draws"] = dense("after_rng")
     result = {"steps": args.steps, "seconds": round(time.time() - started, 1),

@@ -21,6 +21,7 @@ def test_repeat_check_compares_weights_bit_for_bit(tmp_path, load_bench):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["same_as_first"]) == {"again", "after_other_dense_ft", "after_drop_upcycling_ft",
+                                            "after_mcl_embedding_and_kmeans", "after_evaluation",
                                             "after_global_rng_draws"}
     assert result["same_as_first"]["again"] == {"tensors_differing": 0, "max_abs_diff": 0.0}  # a run repeats
     assert result["environment"]["device"] == "cpu" and result["steps"] == 2
