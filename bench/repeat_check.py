@@ -4,8 +4,9 @@ docs/results.md §1 found one seed's scores 0.3 apart between two runs that trai
 settings, one after other training in its process and one not. This trains the `dense_ft` baseline the way
 recipes/dmu.py does (moeclip.pipeline.dmu's own steps, on a short budget) first in a fresh process, then again
 after each kind of earlier work a recipe does (another dense fine-tuning, a Drop-Upcycling MoE fine-tuning, MCL's
-corpus embedding and k-means, an evaluation pass, draws from the global RNG), and compares the weights bit for bit. The JSON keeps the machine and commit beside the
-answer: a difference that shows up only across machines is not an order effect.
+corpus embedding and k-means, an evaluation pass, draws from the global RNG), and compares the weights bit for
+bit. The JSON keeps the machine and commit beside the answer: a difference that shows up only across machines is
+not an order effect.
 
     python bench/repeat_check.py [--steps 20] [--out docs/repeat_check.json]
 """
@@ -77,8 +78,8 @@ def main() -> None:
         checks["after_other_dense_ft"] = dense("after_other_dense")
         moe("moe")
         checks["after_drop_upcycling_ft"] = dense("after_moe")
-        img, txt, _ = embed_corpus(copy.deepcopy(base), ds, tokenizer, Path(tmp) / "features", runtime,
-                                   cfg.mcl.embed_batch, num_workers=cfg.mcl.train.num_workers)
+        img, _, _ = embed_corpus(copy.deepcopy(base), ds, tokenizer, Path(tmp) / "features", runtime,
+                                 cfg.mcl.embed_batch, num_workers=cfg.mcl.train.num_workers)
         k = max(2, len(img) // cfg.mcl.group_size) if cfg.mcl.group_size else cfg.mcl.k_img  # as MCL picks k
         kmeans(img.astype("float32"), k, cfg.seed)
         checks["after_mcl_embedding_and_kmeans"] = dense("after_mcl")
