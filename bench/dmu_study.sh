@@ -72,6 +72,10 @@ adaptation() {  # a general CLIP adapted to a new domain: base-tiny (pre-trained
     # Drop-Upcycling with the base's FFN kept frozen beside its experts (no MCL: construction=drop_upcycle)
     $RECIPE construction=drop_upcycle $ADAPT output_dir=runs/con/adapt_drop_frozen_shared_s$s seed=$s \
       $NO_BASELINES upcycle.shared_expert=true construction_ft.freeze_shared=true
+    # the same, with the shared expert's gate not learned but set by novelty (moeclip.moe.novelty, added
+    # 2026-12-07): a sample unlike the training data goes through the base's FFNs
+    $RECIPE construction=drop_upcycle $ADAPT output_dir=runs/con/adapt_drop_novelty_s$s seed=$s \
+      $NO_BASELINES upcycle.shared_expert=true upcycle.shared_gate=novelty construction_ft.freeze_shared=true
   done
 }
 

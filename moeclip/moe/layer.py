@@ -17,6 +17,8 @@ from torch import nn
 from .dispatch import DISPATCHERS
 from .router import DEFAULT_ROUTER_INIT_STD, Routing, TopKRouter
 
+SHARED_GATES = ("learned", "novelty")  # how a shared expert is mixed in: per-token fusion layer, or per sample
+
 
 class LocalExperts(nn.ModuleList):
     """Every expert on this device. Experts keep the dense mlp's submodule names (`c_fc`, activation,
@@ -57,10 +59,12 @@ class MoEFFN(nn.Module):
     The shared expert (DeepSeekMoE; CLIP-FMoE's fusion gate) is a dense FFN every token goes through; a learned
     per-token gate g = sigmoid(fusion(x)) mixes it in: g * shared(x) + (1 - g) * routed(x). Started from the
     base FFN, it keeps what the base knew while the routed experts specialise. The gate starts at 0.5.
+    With `shared_gate="novelty"` the gate is not learned but set per sample, before the tower runs, by a
+    `moeclip.moe.novelty.NoveltyGate` (`sample_gate`, 1 = the shared expert alone): no `fusion` layer then.
     """
 
     def __init__(self, experts: list[nn.Module] | nn.Module, router: TopKRouter, dispatch: str = "sorted",
-                 shared: nn.Module | None = None) -> None:
+                 shared: nn.Module | None = None, shared_gate: str = "learned") -> None:
         super().__init__()
         if not isinstance(experts, nn.Module):
             experts = LocalExperts(list(experts), dispatch)
@@ -69,8 +73,11 @@ class MoEFFN(nn.Module):
         self.router = router
         self.experts = experts
         self.shared = shared
+        if shared_gate not in SHARED_GATES:
+            raise ValueError(f"unknown shared_gate {shared_gate!r}; expected one of {SHARED_GATES}")
+        self.shared_gate = shared_gate if shared is not None else None
         self.fusion: nn.Linear | None = None
-        if shared is not None:
+        if shared is not None and shared_gate == "learned":
             d_model = router.proj.in_features
             self.fusion = nn.Linear(d_model, 1).to(device=router.proj.weight.device, dtype=router.proj.weight.dtype)
             nn.init.zeros_(self.fusion.weight)
@@ -79,11 +86,12 @@ class MoEFFN(nn.Module):
         self.token_mask: torch.Tensor | None = None
         self.last_routing: Routing | None = None
         self.last_mask: torch.Tensor | None = None  # flat [T] bool matching last_routing, or None = all real
+        self.sample_gate: torch.Tensor | None = None  # per-sample gate, [B, 1] or [1, B] (shared_gate="novelty")
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, num_experts: int, top_k: int, jitter: float = 0.0,
                    router_init_std: float = DEFAULT_ROUTER_INIT_STD, dispatch: str = "sorted",
-                   shared_expert: bool = False) -> "MoEFFN":
+                   shared_expert: bool = False, shared_gate: str = "learned") -> "MoEFFN":
         """Every expert (and the shared one) starts as an exact copy of `mlp` (activation, weights, dtype, device)."""
         if isinstance(mlp, MoEFFN):
             raise ValueError("this FFN is already an MoE layer")
@@ -93,7 +101,8 @@ class MoEFFN(nn.Module):
         router = TopKRouter(c_fc.in_features, num_experts, top_k, jitter=jitter, init_std=router_init_std)
         router.to(device=c_fc.weight.device, dtype=c_fc.weight.dtype)
         experts = [copy.deepcopy(mlp) for _ in range(num_experts)]
-        return cls(experts, router, dispatch=dispatch, shared=copy.deepcopy(mlp) if shared_expert else None)
+        return cls(experts, router, dispatch=dispatch, shared=copy.deepcopy(mlp) if shared_expert else None,
+                   shared_gate=shared_gate)
 
     @property
     def num_experts(self) -> int:
@@ -134,15 +143,26 @@ class MoEFFN(nn.Module):
         self.last_mask = self._real_token_mask(x.shape[:-1], x.device)
         out = self.experts(tokens, routing)
         if self.shared is not None:
-            gate = torch.sigmoid(self.fusion(tokens).float()).to(out.dtype)
+            gate = self._novelty_gate(x) if self.fusion is None else torch.sigmoid(self.fusion(tokens).float())
+            gate = gate.to(out.dtype)
             out = gate * self.shared(tokens) + (1 - gate) * out
         return out.reshape(x.shape)
+
+    def _novelty_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch's per-sample gate as a [T, 1] column over the flat tokens of x ([B, L, d] or [L, B, d])."""
+        g = self.sample_gate
+        try:
+            return g.to(device=x.device, dtype=torch.float32).expand(x.shape[:-1]).reshape(-1, 1)
+        except (AttributeError, RuntimeError):
+            raise RuntimeError("this MoE layer's shared expert is novelty-gated, and no gate was set for this batch "
+                               "(run the whole tower, whose input hook sets it: moeclip.moe.novelty)") from None
 
     def __getstate__(self) -> dict:
         """Per-batch state is transient; a routing still attached to a graph would break `copy.deepcopy`."""
         state = self.__dict__.copy()
-        state.update(token_mask=None, last_routing=None, last_mask=None)
+        state.update(token_mask=None, last_routing=None, last_mask=None, sample_gate=None)
         return state
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, shared_expert={self.shared is not None}"
+        gate = f", shared_gate={self.shared_gate!r}" if self.shared is not None else ""
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, shared_expert={self.shared is not None}{gate}"

@@ -14,6 +14,7 @@ from torch import nn
 from ..model.ffn import FFN_PARTS, TOWERS, select_blocks, tower_blocks, tower_prefix
 from .drop import drop_reinit
 from .layer import MoEFFN
+from .novelty import DEFAULT_CLUSTERS, install_novelty_gate, novelty_gates
 from .router import DEFAULT_ROUTER_INIT_STD
 
 DEFAULT_NUM_EXPERTS = 4
@@ -81,7 +82,8 @@ def upcycle(model: nn.Module, experts: list[dict[str, torch.Tensor]] | None = No
             num_experts: int | None = None, top_k: int = 2, layers: Sequence[int] | None = None,
             towers: Sequence[str] = TOWERS, jitter: float = 0.0,
             router_init_std: float = DEFAULT_ROUTER_INIT_STD, drop_ratio: float = 0.0,
-            shared_expert: bool = False) -> nn.Module:
+            shared_expert: bool = False, shared_gate: str = "learned",
+            novelty_clusters: int = DEFAULT_CLUSTERS) -> nn.Module:
     """Replace the FFN of the chosen blocks of each tower by an MoEFFN, in place; returns `model`.
 
     experts: FFN weight sets, expert i <- set i (set 0 is normally the base model's own FFNs);
@@ -90,8 +92,12 @@ def upcycle(model: nn.Module, experts: list[dict[str, torch.Tensor]] | None = No
     layers: block indices shared by both towers (None = all, negatives count from the end).
     drop_ratio: Drop-Upcycling (`moeclip.moe.drop`): re-draw this fraction of each expert's hidden units
         after the experts are set (0 = plain copies / the given sets).
-    shared_expert: also keep the dense FFN as an always-on shared expert behind a learned per-token gate.
+    shared_expert: also keep the dense FFN as an always-on shared expert behind a learned per-token gate, or,
+        with shared_gate="novelty", behind a per-sample novelty gate per tower (`moeclip.moe.novelty`; fit it
+        with `moeclip.train.novelty_fit` before training).
     """
+    if shared_gate == "novelty" and not shared_expert:
+        raise ValueError("shared_gate='novelty' gates the shared expert: set shared_expert=True as well")
     if experts is not None:
         if not experts:
             raise ValueError("experts is an empty list")
@@ -114,7 +120,7 @@ def upcycle(model: nn.Module, experts: list[dict[str, torch.Tensor]] | None = No
     for tower, block in plan:
         blk = tower_blocks(model, tower)[block]
         layer = MoEFFN.from_dense(blk.mlp, num_experts, top_k, jitter=jitter, router_init_std=router_init_std,
-                                  shared_expert=shared_expert)
+                                  shared_expert=shared_expert, shared_gate=shared_gate)
         if experts is not None:
             prefix = f"{tower_prefix(model, tower)}.{block}.mlp."
             with torch.no_grad():
@@ -127,6 +133,11 @@ def upcycle(model: nn.Module, experts: list[dict[str, torch.Tensor]] | None = No
         blk.mlp = layer
     if "text" in towers:
         _install_text_mask_hook(model)
+    if shared_gate == "novelty":
+        for tower in towers:
+            layers = [layer for t, _, layer in moe_layers(model) if t == tower]
+            if layers:
+                install_novelty_gate(model, tower_prefix(model, tower), layers, novelty_clusters)
     return model
 
 
@@ -151,11 +162,14 @@ def moe_config(model: nn.Module) -> dict[str, Any]:
     if len(shapes) > 1:
         raise ValueError(f"MoE layers differ in (num_experts, top_k, jitter, shared expert): {sorted(shapes)}")
     num_experts, top_k, jitter, shared = shapes.pop()
+    gates = novelty_gates(model)
     return {
         "num_experts": num_experts,
         "top_k": top_k,
         "jitter": jitter,
         **({"shared_expert": True} if shared else {}),  # absent = no shared expert (older model dirs too)
+        **({"shared_gate": "novelty", "novelty_clusters": next(iter(gates.values())).centroids.shape[0]}
+           if gates else {}),  # absent = the learned fusion gate
         "layers": {tower: [i for t, i, _ in found if t == tower] for tower in TOWERS},
     }
 
@@ -166,7 +180,8 @@ def build_moe(model: nn.Module, cfg: dict[str, Any]) -> nn.Module:
         if blocks:
             upcycle(model, num_experts=cfg["num_experts"], top_k=cfg["top_k"], layers=blocks,
                     towers=(tower,), jitter=cfg.get("jitter", 0.0), router_init_std=0.0,  # weights are loaded next
-                    shared_expert=cfg.get("shared_expert", False))
+                    shared_expert=cfg.get("shared_expert", False), shared_gate=cfg.get("shared_gate", "learned"),
+                    novelty_clusters=cfg.get("novelty_clusters", DEFAULT_CLUSTERS))
     return model
 
 

@@ -57,6 +57,10 @@ def check_construction(cfg: Any, model_dir: Path) -> None:
     if cfg.construction == "drop_upcycle" and cfg.baselines.drop_upcycle:
         raise ConfigError("construction=drop_upcycle with baselines.drop_upcycle=true would train the same model "
                           "twice: set baselines.drop_upcycle=false (the main model is the Drop-Upcycling one)")
+    if cfg.upcycle.shared_gate == "novelty" and not cfg.upcycle.shared_expert:
+        raise ConfigError("upcycle.shared_gate=novelty gates the shared expert, and upcycle.shared_expert is false: "
+                          "add upcycle.shared_expert=true (and construction_ft.freeze_shared=true to keep the base's "
+                          "FFN for what the gate sends it)")
     done = model_dir / "config.json"
     made = io.read_json(done).get("pipeline") if done.exists() else None
     if made is not None and made != cfg.construction:

@@ -37,6 +37,7 @@ from moeclip.pipeline.report import write_report
 from moeclip.runtime import Runtime
 from moeclip.train.dist import DistributedConfig, make_runtime
 from moeclip.train.mcl_stages import MCLConfig, run_mcl
+from moeclip.train.novelty_fit import fit_novelty_gates
 from moeclip.train.loop import require_finished, train
 from moeclip.train.moe_finetune import MoEFinetuneConfig, finetune_moe
 from moeclip.train.specialists import init_routers_from_partitions
@@ -54,6 +55,12 @@ class UpcycleConfig:
     # keep the base FFN as an always-on shared expert behind a learned per-token gate (moeclip.moe.layer.MoEFFN),
     # in every upcycled model of the run (DMU, its ablation, the upcycling baselines)
     shared_expert: bool = False
+    # how the shared expert is mixed in: "learned" (per-token fusion gate) or "novelty" (per sample, not learned:
+    # samples unlike the training data go to the base FFN; moeclip.moe.novelty). Pair with a frozen shared expert
+    # (construction_ft.freeze_shared=true) to keep the base's FFN exact for them.
+    shared_gate: Literal["learned", "novelty"] = "learned"
+    novelty_quantile: float = 0.99     # share of (held-out) training samples the gate keeps on the routed experts
+    novelty_clusters: int = 1024       # centroids of the training data's tokens, per tower
     drop_ratio: float = 0.5            # construction=drop_upcycle: share of each expert's hidden units re-drawn
 
 
@@ -140,8 +147,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
             evals(f"mcl_stage_{s}", lambda s=s: _stage_model(base, experts[s]))
 
         def make_dmu() -> nn.Module:
-            return _seed_routers(_upcycled(base, experts, len(experts), cfg), cfg, mcl_dir, train_ds, tokenizer,
-                                 runtime)
+            model = _gated(_upcycled(base, experts, len(experts), cfg), cfg, train_ds, tokenizer, runtime)
+            return _seed_routers(model, cfg, mcl_dir, train_ds, tokenizer, runtime)
 
         ft = _finetune_once(make_dmu, train_ds, tokenizer, cfg.router_ft, out / "router_ft", model_dir, runtime,
                             cfg.seed, "DMU router FT", {"pipeline": "dmu", "config": to_dict(cfg)})
@@ -151,7 +158,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
     else:  # drop_upcycle: no MCL; trained on the samples DMU would have used
         experts, num_experts, budget = [], cfg.mcl.num_experts, dmu_budget(cfg)
         evals("base", lambda: base)
-        ft = _finetune_once(lambda: _upcycled(base, None, num_experts, cfg, cfg.upcycle.drop_ratio), train_ds,
+        ft = _finetune_once(lambda: _gated(_upcycled(base, None, num_experts, cfg, cfg.upcycle.drop_ratio), cfg,
+                                           train_ds, tokenizer, runtime), train_ds,
                             tokenizer, construction_ft(cfg, budget), out / "construction_ft", model_dir, runtime,
                             cfg.seed, "drop_upcycle construction", {"pipeline": main_name, "config": to_dict(cfg)})
     evals(main_name, lambda: load(model_dir)[0])
@@ -178,7 +186,8 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         if name == "drop_upcycle" and bl.drop_upcycle_lr is not None:
             bcfg.train.lr = bl.drop_upcycle_lr
         bdir = out / "baselines" / name
-        baseline_info[name] = _finetune_once(lambda r=drop_ratio: _upcycled(base, None, num_experts, cfg, r),
+        baseline_info[name] = _finetune_once(lambda r=drop_ratio: _gated(_upcycled(base, None, num_experts, cfg, r),
+                                                                         cfg, train_ds, tokenizer, runtime),
                                              train_ds, tokenizer, bcfg, bdir / "train", bdir / "model", runtime,
                                              cfg.seed, f"{name} baseline", {"pipeline": f"{name}-baseline"})
         evals(name, lambda bdir=bdir: load(bdir / "model")[0])
@@ -282,7 +291,16 @@ def _upcycled(base: nn.Module, experts: list[dict[str, torch.Tensor]] | None, nu
         torch.manual_seed(cfg.seed)
         return upcycle(copy.deepcopy(base), experts, num_experts=num_experts, top_k=u.top_k, layers=u.layers,
                        towers=cfg.mcl.towers, jitter=u.jitter, router_init_std=u.router_init_std,
-                       drop_ratio=drop_ratio, shared_expert=u.shared_expert)
+                       drop_ratio=drop_ratio, shared_expert=u.shared_expert, shared_gate=u.shared_gate,
+                       novelty_clusters=u.novelty_clusters)
+
+
+def _gated(model: nn.Module, cfg: DMUConfig, ds: CaptionDataset, tokenizer: Callable, runtime: Runtime) -> nn.Module:
+    """A novelty-gated shared expert learns the training data's tokens before any training (seeded: a resumed run
+    fits the same gate)."""
+    if cfg.upcycle.shared_gate == "novelty":
+        fit_novelty_gates(model, ds, tokenizer, runtime, seed=cfg.seed, quantile=cfg.upcycle.novelty_quantile)
+    return model
 
 
 def _seed_routers(model: nn.Module, cfg: DMUConfig, mcl_dir: Path, ds: CaptionDataset, tokenizer: Callable,

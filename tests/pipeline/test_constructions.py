@@ -136,3 +136,35 @@ def test_drop_upcycle_resumes_and_refuses_the_other_construction(drop_run):
     other = _run([*cmd[:-1], "construction=dmu"])
     assert other.returncode == 2 and "made by construction=drop_upcycle" in other.stderr, other.stderr[-2000:]
     assert not (out / "mcl").exists()
+
+
+def test_novelty_gate_needs_a_shared_expert(tmp_path):
+    cfg = load_config(DMUConfig, SMOKE, ["upcycle.shared_gate=novelty"])
+    with pytest.raises(ConfigError, match="upcycle.shared_expert=true"):
+        check_construction(cfg, tmp_path / "model")
+
+
+@pytest.mark.slow
+def test_novelty_gated_shared_expert_run(tmp_path):
+    """Drop-Upcycling beside a frozen, novelty-gated base FFN: the gates are fitted before training, saved with
+    the model, and the shared experts keep the base's weights."""
+    import torch
+    from moeclip.loader import load
+    from moeclip.moe import moe_layers
+    from moeclip.moe.novelty import novelty_gates
+    out = tmp_path / "out"
+    run = _run(_cmd(out, tmp_path / "data", "construction=drop_upcycle", "upcycle.shared_expert=true",
+                    "upcycle.shared_gate=novelty", "upcycle.novelty_clusters=64", "construction_ft.freeze_shared=true",
+                    "baselines.upcycle=false", "baselines.dense_ft=false"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    model, _, _ = load(out / "model")
+    base, _, _ = load(REPO / "checkpoints" / "base-tiny")
+    gates = novelty_gates(model)
+    assert len(gates) == 2 and all(torch.isfinite(g.threshold) and g.centroids.abs().sum() > 0 for g in gates.values())
+    base_state = base.state_dict()
+    for tower, block, layer in moe_layers(model):
+        prefix = f"{'visual.transformer' if tower == 'visual' else 'transformer'}.resblocks.{block}.mlp."
+        for name, p in layer.shared.named_parameters():
+            assert torch.equal(p, base_state[prefix + name])
+    assert json.loads((out / "model" / "config.json").read_text())["moe"]["shared_gate"] == "novelty"
+    assert "drop_upcycle" in json.loads((out / "report.json").read_text())["models"]
