@@ -102,3 +102,16 @@ def test_config_round_trip_keeps_the_fitted_gate(tiny_clip, images, texts):
     assert not any(".fusion." in n for n in set_trainable(moe, "router+experts", freeze_shared=True))
     with pytest.raises(ValueError, match="shared_expert=True"):
         upcycle(tiny_clip(), num_experts=2, top_k=1, shared_gate="novelty")
+
+
+def test_gate_flops_are_counted(tiny_clip):
+    """The gate's distance matmul is in the inference FLOPs (as one matmul FlopCounterMode sees), and the learned
+    gate's fusion layers are not there to count."""
+    from moeclip.analysis.flops import inference_flops
+    learned = upcycle(tiny_clip(), num_experts=2, top_k=1, shared_expert=True)
+    gated = upcycle(tiny_clip(), num_experts=2, top_k=1, shared_expert=True, shared_gate="novelty",
+                    novelty_clusters=16)
+    tokens, width, blocks = 17, 32, 2  # 16 patches + class token; the tiny tower's width and depth
+    gate = 2 * tokens * 16 * width
+    fusion = blocks * 2 * tokens * width
+    assert inference_flops(gated)["image"] - inference_flops(learned)["image"] == gate - fusion
