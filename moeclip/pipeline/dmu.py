@@ -21,11 +21,12 @@ from torch import nn
 from moeclip import io
 from moeclip.config import to_dict
 from moeclip.data.dataset import CaptionDataset, Collate
-from moeclip.data.formats import data_format, has_factor_columns
+from moeclip.data.formats import data_format, has_factor_columns, open_dataset
 from moeclip.eval.evaluate import find_factors
 from moeclip.loader import load, save_model_dir
 from moeclip.model.ffn import ffn_distance, ffn_param_names, load_ffn_state_dict
 from moeclip.moe import upcycle
+from moeclip.moe.novelty import novelty_gates
 from moeclip.moe.router import DEFAULT_ROUTER_INIT_STD
 from moeclip.pipeline.common import DataConfig, ModelConfig, ensure_data, environment, load_base, open_train_data
 from moeclip.pipeline.constructions import check_construction, construction_ft, construction_ft_default, dmu_budget
@@ -37,7 +38,7 @@ from moeclip.pipeline.report import write_report
 from moeclip.runtime import Runtime
 from moeclip.train.dist import DistributedConfig, make_runtime
 from moeclip.train.mcl_stages import MCLConfig, run_mcl
-from moeclip.train.novelty_fit import fit_novelty_gates
+from moeclip.train.novelty_fit import fit_novelty_gates, gate_shares
 from moeclip.train.loop import require_finished, train
 from moeclip.train.moe_finetune import MoEFinetuneConfig, finetune_moe
 from moeclip.train.specialists import init_routers_from_partitions
@@ -224,7 +225,12 @@ def run_dmu(cfg: DMUConfig) -> dict[str, Any]:
         report["costs"] = model_costs(base, lambda r: _upcycled(base, None, num_experts, cfg, r), cfg,
                                       max(len(experts) - 1, 0), len(train_ds),
                                       {main_name: ft["samples"], **{k: v["samples"] for k, v in baseline_info.items()}})
-        report.update(_analyse(load(model_dir)[0], preprocess, tokenizer, cfg, evals.results["base"], out, runtime))
+        final = load(model_dir)[0]
+        report.update(_analyse(final, preprocess, tokenizer, cfg, evals.results["base"], out, runtime))
+        if novelty_gates(final):  # where the gates send each validation set (the old domain should go to the base)
+            report["novelty_gate"] = {
+                name: gate_shares(final, open_dataset(path, preprocess, image_root=cfg.data.image_root), tokenizer,
+                                  runtime) for name, path in {"main": cfg.data.val, **cfg.data.also_val}.items()}
         report["plots"] = write_plots(out, evals.results, {k: v["history"] for k, v in steps.items() if v["history"]},
                                       cfg.eval_protocol)
         report["logs"] = str(runtime.trainer.moeclip_logging[1])

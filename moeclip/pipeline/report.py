@@ -71,6 +71,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{' / '.join(f'{x:.2f}' for x in u['top1'])} | {u['load_cv']:.3f} |{mi}")
         for name, path in report.get("expert_pictures", {}).items():
             lines.append(f"\n![{name}]({path})")
+    gates = report.get("novelty_gate")
+    if gates:
+        names = sorted({g for sets in gates.values() for g in sets})
+        lines += ["", "## Novelty gate", "", "Share of each validation set's samples the shared expert's novelty gate "
+                  "sends to the base FFN (gate >= 0.5; mean gate in brackets): images for the image tower's gate, "
+                  "captions for the text tower's. By construction about 1% of samples like the training data go there.",
+                  "", "| set | " + " | ".join(f"`{g}`" for g in names) + " |", "|---|" + "---|" * len(names)]
+        for name, sets in gates.items():
+            lines.append(f"| {name} | " + " | ".join(f"{100 * sets[g]['to_base']:.1f}% ({sets[g]['mean_gate']:.2f})"
+                                                      if g in sets else "" for g in names) + " |")
     lines += costs_markdown(report)
     plots = report.get("plots", {})
     if plots:

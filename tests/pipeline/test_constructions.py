@@ -167,4 +167,8 @@ def test_novelty_gated_shared_expert_run(tmp_path):
         for name, p in layer.shared.named_parameters():
             assert torch.equal(p, base_state[prefix + name])
     assert json.loads((out / "model" / "config.json").read_text())["moe"]["shared_gate"] == "novelty"
-    assert "drop_upcycle" in json.loads((out / "report.json").read_text())["models"]
+    report = json.loads((out / "report.json").read_text())
+    assert "drop_upcycle" in report["models"]
+    shares = report["novelty_gate"]["main"]  # where the gates send the validation set (like the training data)
+    assert set(shares) == set(gates) and all(0 <= s["to_base"] <= 1 and s["samples"] == 128 for s in shares.values())
+    assert "## Novelty gate" in (out / "report.md").read_text()
