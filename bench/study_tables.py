@@ -48,7 +48,9 @@ def rows_for(prefix: str) -> list[Row]:
              ("cluster specialists", _con("specialists", prefix), "dmu"),
              ("Drop-Upcycling r=0.5 (the default)", _con("drop", prefix), "drop_upcycle"),
              # construction=drop_upcycle upcycle.shared_expert=true construction_ft.freeze_shared=true
-             ("Drop-Upcycling + frozen shared base expert", _con("drop_frozen_shared", prefix), "drop_upcycle")]
+             ("Drop-Upcycling + frozen shared base expert", _con("drop_frozen_shared", prefix), "drop_upcycle"),
+             # the same with upcycle.shared_gate=novelty: samples unlike the training data go to the base's FFN
+             ("Drop-Upcycling + novelty-gated frozen base expert", _con("drop_novelty", prefix), "drop_upcycle")]
     rows += [("baseline: upcycle", main, "upcycle"), ("baseline: dense_ft", main, "dense_ft")]
     return rows
 
@@ -74,7 +76,7 @@ def _slim(report: dict, run: Path) -> dict:
             "also_val": {name: scores(m) for name, m in report.get("also_val", {}).items()},
             "costs": report.get("costs", {}), "construction": report.get("construction", "dmu"),
             "expert_usage": [{"load_cv": u["load_cv"]} for u in report.get("expert_usage") or []]}
-    for key in ("expert_distance", "environment"):  # the machine and commit: reports from 2026-12-07 on
+    for key in ("expert_distance", "environment", "novelty_gate"):  # environment: reports from 2026-12-07 on
         if key in report:
             slim[key] = report[key]
     pairs = {key: _weight_distances(_model_dir(report, key, run)) for key in MODEL_DIRS}
