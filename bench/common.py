@@ -42,8 +42,14 @@ def _lscpu() -> dict[str, str]:
 
 
 def machine_facts() -> dict[str, Any]:
+    """What a training report records as its `environment` (moeclip.pipeline.common: torch, python, threads,
+    CPU model and instruction set, moeclip version, commit), plus what only a benchmark needs: the core layout,
+    caches, memory, CPU flags and more library versions."""
     import torch
+    from moeclip.pipeline.common import environment
+    from moeclip.runtime import Runtime
 
+    env = environment(Runtime.local("cpu"))
     cpu = _lscpu()
     try:
         nproc = int(subprocess.run(["nproc"], capture_output=True, text=True, timeout=10).stdout.strip())
@@ -59,7 +65,7 @@ def machine_facts() -> dict[str, Any]:
     flags = cpu.get("Flags", "").split()
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    versions = {"torch": env["torch"], "python": env["python"]}
     for key, dist in (("deepspeed", "deepspeed"), ("sklearn", "scikit-learn"), ("open_clip", "open_clip_torch"),
                       ("numpy", "numpy")):
         try:
@@ -67,11 +73,12 @@ def machine_facts() -> dict[str, Any]:
         except PackageNotFoundError:
             pass
     return {
-        "nproc": nproc, "cpu_model": cpu.get("Model name", platform.processor()),
+        "environment": env,
+        "nproc": nproc, "cpu_model": env.get("cpu") or cpu.get("Model name", platform.processor()),
         "cores_per_socket": cpu.get("Core(s) per socket"), "threads_per_core": cpu.get("Thread(s) per core"),
         "l2": cpu.get("L2 cache"), "l3": cpu.get("L3 cache"), "hypervisor": cpu.get("Hypervisor vendor"),
         "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags],
-        "mem_gb": mem_gb, "versions": versions, "torch_threads_default": torch.get_num_threads(),
+        "mem_gb": mem_gb, "versions": versions, "torch_threads_default": env["threads"],
         "torch_config": torch.__config__.parallel_info().splitlines()[0:3],
     }
 
