@@ -6,7 +6,7 @@
 # run takes ~13-15 min on 2 CPU cores, a construction on reused stages ~3-7; run one at a time (on this machine
 # two runs side by side go no faster than one after the other).
 #
-#   bash bench/dmu_study.sh [default|muted|ablations|constructions|adaptation|wise_ft|sweep|variants|published|tables]...   (no argument: all)
+#   bash bench/dmu_study.sh [default|muted|ablations|constructions|adaptation|wise_ft|novelty_posthoc|sweep|variants|published|tables]...   (no argument: all)
 #   SEEDS="0" bash bench/dmu_study.sh constructions    (only seed 0's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +53,10 @@ constructions() {  # issue #16's constructions on each default seed's own MCL st
     $LAUNCH output_dir=runs/con/zero_router_s$s mcl_dir=$run/mcl upcycle.router_init_std=0.0 seed=$s $NO_BASELINES
     $LAUNCH output_dir=runs/con/shared_s$s mcl_dir=$run/mcl upcycle.shared_expert=true seed=$s $NO_BASELINES
     $LAUNCH output_dir=runs/con/drop_s$s mcl_dir=$run/mcl baselines.drop_upcycle=true seed=$s $NO_BASELINES
+    # Drop-Upcycling beside the base's FFN, frozen and novelty-gated (added 2026-12-07; no MCL): what the
+    # adaptation scenario's retention construction costs where nothing is new
+    $RECIPE construction=drop_upcycle output_dir=runs/con/drop_novelty_s$s seed=$s $NO_BASELINES \
+      upcycle.shared_expert=true upcycle.shared_gate=novelty construction_ft.freeze_shared=true
     # cluster specialists train their own experts (one partition each, same steps as an MCL stage)
     $LAUNCH output_dir=runs/con/specialists_s$s mcl.construction=specialists seed=$s $NO_BASELINES
   done
@@ -76,6 +80,11 @@ adaptation() {  # a general CLIP adapted to a new domain: base-tiny (pre-trained
     # 2026-12-07): a sample unlike the training data goes through the base's FFNs
     $RECIPE construction=drop_upcycle $ADAPT output_dir=runs/con/adapt_drop_novelty_s$s seed=$s \
       $NO_BASELINES upcycle.shared_expert=true upcycle.shared_gate=novelty construction_ft.freeze_shared=true
+    # its control: the same gate and frozen base FFN beside ONE routed expert (top-1, no re-drawn units), i.e.
+    # dense FFN fine-tuning with the gate, on the same 1,050 steps (budget = router_ft steps when no MCL stage)
+    $RECIPE construction=drop_upcycle $ADAPT output_dir=runs/con/adapt_dense_novelty_s$s seed=$s $NO_BASELINES \
+      mcl.num_experts=1 router_ft.train.steps=1050 upcycle.top_k=1 upcycle.drop_ratio=0.0 \
+      upcycle.shared_expert=true upcycle.shared_gate=novelty construction_ft.freeze_shared=true
   done
 }
 
@@ -117,6 +126,12 @@ sweep() {  # the small learning-rate sweep (seed 0, default corpus): each traine
   done
 }
 
+novelty_posthoc() {  # the gate put on seed 2's adapted dense_ft model after the fact (nothing trained; §4c)
+  python bench/novelty_posthoc.py --base checkpoints/base-tiny --model dense_ft=runs/adapt_s2/baselines/dense_ft/model \
+    --train data/synth_muted/train.csv --data new=data/synth_muted/val.csv old=data/synth/val.csv --seed 2 \
+    --json docs/novelty_posthoc.json
+}
+
 wise_ft() {  # WiSE-FT of every adapted model (bench/wise_ft.py, docs/results.md §4b), after `adaptation`
   for s in ${SEEDS:-0 1 2}; do
     python bench/wise_ft.py --label s$s --base checkpoints/base-tiny \
@@ -149,12 +164,13 @@ tables() {
   for a in e2 e3 top1; do agg abl_$a runs/abl/${a}_s{0,1,2}/report.json; done
   agg published runs/dmu_published/report.json
   agg start_prev runs/var/start_prev_s{0,1,2}/report.json
-  for c in zero_router shared drop specialists muted_drop adapt_drop adapt_shared adapt_drop_frozen_shared; do agg con_$c runs/con/${c}_s{0,1,2}/report.json; done
+  for c in zero_router shared drop specialists drop_novelty muted_drop adapt_drop adapt_shared adapt_drop_frozen_shared \
+           adapt_drop_novelty adapt_dense_novelty; do agg con_$c runs/con/${c}_s{0,1,2}/report.json; done
   agg adaptation runs/adapt_s{0,1,2}/report.json
   # issue 16's tables; the archive keeps every run's scores in the repo, since runs/ is not committed
   python bench/study_tables.py --out docs/study_tables.md --archive docs/study_runs.json > /dev/null
 }
 
-for step in "${@:-default muted ablations constructions adaptation wise_ft variants published tables}"; do
+for step in "${@:-default muted ablations constructions adaptation wise_ft novelty_posthoc variants published tables}"; do
   for s in $step; do "$s"; done
 done

@@ -50,7 +50,9 @@ def rows_for(prefix: str) -> list[Row]:
              # construction=drop_upcycle upcycle.shared_expert=true construction_ft.freeze_shared=true
              ("Drop-Upcycling + frozen shared base expert", _con("drop_frozen_shared", prefix), "drop_upcycle"),
              # the same with upcycle.shared_gate=novelty: samples unlike the training data go to the base's FFN
-             ("Drop-Upcycling + novelty-gated frozen base expert", _con("drop_novelty", prefix), "drop_upcycle")]
+             ("Drop-Upcycling + novelty-gated frozen base expert", _con("drop_novelty", prefix), "drop_upcycle"),
+             # its control: one routed expert (dense FFN fine-tuning, top-1) beside the same gated base FFN
+             ("dense FFN + novelty-gated frozen base expert (control)", _con("dense_novelty", prefix), "drop_upcycle")]
     rows += [("baseline: upcycle", main, "upcycle"), ("baseline: dense_ft", main, "dense_ft")]
     return rows
 
