@@ -31,7 +31,7 @@ def interpolate_with_base(model: nn.Module, base: nn.Module, alpha: float) -> nn
     """Moves `model`'s weights (in place) to (1 - alpha) * base + alpha * model; returns `model`.
 
     `base` is the dense CLIP `model` was fine-tuned (or upcycled and fine-tuned) from. Weights without a base
-    counterpart (router, fusion gate) and non-float buffers keep their trained values.
+    counterpart (router, fusion gate, a novelty gate's fitted statistics) and non-float buffers keep their values.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha}: expected a value in [0, 1] (0 = the base, 1 = the fine-tuned model)")
@@ -46,7 +46,7 @@ def interpolate_with_base(model: nn.Module, base: nn.Module, alpha: float) -> nn
             continue
         source = base_name(name)
         if source not in base_state:
-            if ".mlp.router." in name or ".mlp.fusion." in name:
+            if ".mlp.router." in name or ".mlp.fusion." in name or ".novelty_gate." in name:
                 continue  # new in the MoE: nothing to pull it towards
             raise ValueError(f"weight {name!r} has no counterpart {source!r} in the base model: interpolate a model "
                              "with the base it was fine-tuned from")

@@ -27,7 +27,7 @@ LayerKey = tuple[str, int]  # (tower, block)
 
 def _local_experts(layer: MoEFFN, where: str) -> LocalExperts:
     if layer.shared is not None:
-        raise ValueError(f"{where}: the layer has a shared expert behind a per-token gate; merging or pruning "
+        raise ValueError(f"{where}: the layer has a shared expert behind a gate; merging or pruning "
                          "such layers is not supported")
     if not isinstance(layer.experts, LocalExperts):
         raise ValueError(f"{where}: experts are not local ({type(layer.experts).__name__}); consolidate the "

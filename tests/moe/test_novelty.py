@@ -115,3 +115,13 @@ def test_gate_flops_are_counted(tiny_clip):
     gate = 2 * tokens * 16 * width
     fusion = blocks * 2 * tokens * width
     assert inference_flops(gated)["image"] - inference_flops(learned)["image"] == gate - fusion
+
+
+def test_wise_ft_keeps_the_fitted_gate(tiny_clip, images, texts):
+    """WiSE-FT pulls experts and the shared expert towards the base; the gate's statistics have no base value."""
+    from moeclip.moe.interpolate import interpolate_with_base
+    dense, moe = _fitted_moe(tiny_clip, images, texts)
+    before = {k: v.clone() for k, v in moe.state_dict().items() if ".novelty_gate." in k}
+    interpolate_with_base(moe, dense, 0.5)
+    after = moe.state_dict()
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())
