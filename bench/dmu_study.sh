@@ -126,10 +126,16 @@ sweep() {  # the small learning-rate sweep (seed 0, default corpus): each traine
   done
 }
 
-novelty_posthoc() {  # the gate put on seed 2's adapted dense_ft model after the fact (nothing trained; §4c)
+novelty_posthoc() {  # the gate put on seed 2's dense_ft after the fact (nothing trained), and a held-out check (§4c)
   python bench/novelty_posthoc.py --base checkpoints/base-tiny --model dense_ft=runs/adapt_s2/baselines/dense_ft/model \
     --train data/synth_muted/train.csv --data new=data/synth_muted/val.csv old=data/synth/val.csv --seed 2 \
     --json docs/novelty_posthoc.json
+  # retention on an old-domain set never looked at while the gate was designed (the dev set of `default`)
+  dev_set
+  python bench/novelty_heldout.py --data data/synth_dev/val.csv --json docs/novelty_heldout.json --model \
+    base=checkpoints/base-tiny dense_ft_s2=runs/adapt_s2/baselines/dense_ft/model \
+    upcycle_s2=runs/adapt_s2/baselines/upcycle/model drop_upcycle_s2=runs/con/adapt_drop_s2/baselines/drop_upcycle/model \
+    $(for s in 0 1 2; do echo drop_novelty_s$s=runs/con/adapt_drop_novelty_s$s/model dense_novelty_s$s=runs/con/adapt_dense_novelty_s$s/model; done)
 }
 
 wise_ft() {  # WiSE-FT of every adapted model (bench/wise_ft.py, docs/results.md §4b), after `adaptation`
