@@ -9,6 +9,7 @@ data's tokens, and a sample's is its most novel token's (PatchCore's image score
 further out than a high quantile of held-out training samples' scores goes to the frozen base FFN (gate 1)
 in every MoE layer of the tower, so the tower computes for it exactly what the base did. The rule is Expert Gate's (Aljundi et al., CVPR 2017: send a test sample to
 the expert whose training data it resembles), with the base as the expert for everything else.
+Training mode `full` would move block 0's attention and so the gate's input: use `router+experts`.
 """
 from __future__ import annotations
 
