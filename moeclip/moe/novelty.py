@@ -58,11 +58,11 @@ class NoveltyGate(nn.Module):
         if not 0.5 < quantile < 1.0:
             raise ValueError(f"novelty quantile must be in (0.5, 1), got {quantile}")
         n, k = tokens.shape[0], self.centroids.shape[0]
+        if n // 5 < 20:
+            raise ValueError(f"the novelty gate needs at least 100 training samples to fit, got {n}")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         held, fitted = order[: n // 5], order[n // 5:]
         flat = F.normalize(tokens[fitted].float(), dim=-1).reshape(-1, tokens.shape[-1])
-        if len(held) < 20:
-            raise ValueError(f"the novelty gate needs at least 100 training samples to fit, got {n}")
         used = min(k, flat.shape[0] // 4)  # fewer tokens than 4 per centroid: fewer centroids, the rest copies
         rows = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed + 1))[:MAX_FIT_TOKENS]
         km = MiniBatchKMeans(n_clusters=used, init="k-means++", n_init=1, random_state=seed, batch_size=4096)
@@ -90,9 +90,12 @@ class NoveltyHook:
         self.gate = gate
         self.batch_first = batch_first
 
+    def tokens(self, output: torch.Tensor) -> torch.Tensor:
+        """The hooked module's output as [B, L, d]."""
+        return output if self.batch_first else output.transpose(0, 1)
+
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        tokens = output if self.batch_first else output.transpose(0, 1)
-        value = self.gate(tokens)
+        value = self.gate(self.tokens(output))
         value = value[:, None] if self.batch_first else value[None, :]
         for layer in self.gate.layers:
             layer.sample_gate = value
@@ -113,6 +116,15 @@ def install_novelty_gate(model: nn.Module, prefix: str, layers: list[MoEFFN],
     transformer.novelty_gate = gate
     first_norm.register_forward_hook(NoveltyHook(gate, getattr(transformer, "batch_first", True)))
     return gate
+
+
+def input_hook(model: nn.Module, gate: NoveltyGate) -> tuple[nn.Module, NoveltyHook]:
+    """The module whose output feeds `gate` (block 0's ln_2 of its tower), and the hook that reads it."""
+    for module in model.modules():
+        for hook in module._forward_hooks.values():
+            if isinstance(hook, NoveltyHook) and hook.gate is gate:
+                return module, hook
+    raise ValueError("novelty gate without its input hook; rebuild the model with moeclip.moe.upcycle")
 
 
 def novelty_gates(model: nn.Module) -> dict[str, NoveltyGate]:

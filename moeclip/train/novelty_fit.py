@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from moeclip.data.dataset import CaptionDataset, Collate
-from moeclip.moe.novelty import DEFAULT_QUANTILE, NoveltyHook, novelty_gates
+from moeclip.moe.novelty import DEFAULT_QUANTILE, input_hook, novelty_gates
 from moeclip.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,10 @@ def gate_inputs(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, 
     model.to(runtime.device).eval()
     hooks = []
     for name, gate in gates.items():
-        norm = _hooked_norm(model, gate)
-        batch_first = next(h for h in norm._forward_hooks.values() if isinstance(h, NoveltyHook)).batch_first
+        norm, gate_hook = input_hook(model, gate)
 
-        def grab(module, args, output, name=name, batch_first=batch_first):
-            on_batch(name, (output if batch_first else output.transpose(0, 1)).float().cpu())
+        def grab(module, args, output, name=name, gate_hook=gate_hook):
+            on_batch(name, gate_hook.tokens(output).float().cpu())
             raise _Enough
         hooks.append(norm.register_forward_hook(grab))
     try:
@@ -90,11 +89,3 @@ def gate_shares(model: nn.Module, dataset: CaptionDataset, tokenizer: Callable, 
                      "samples": int(g.numel())}
     return out
 
-
-def _hooked_norm(model: nn.Module, gate: nn.Module) -> nn.Module:
-    """The module whose NoveltyHook feeds `gate` (block 0's ln_2 of its tower)."""
-    for module in model.modules():
-        for hook in module._forward_hooks.values():
-            if isinstance(hook, NoveltyHook) and hook.gate is gate:
-                return module
-    raise ValueError("novelty gate without its input hook; rebuild the model with moeclip.moe.upcycle")
